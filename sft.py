@@ -1,0 +1,267 @@
+r"""Stage 1: supervised fine-tuning on conversations (the paper's Alpaca-7B starting point).
+
+    python sft.py                                     # toy model from its config, toy data -> output/sft
+    torchrun --nproc_per_node=2 sft.py                # the same, data parallel (gloo on CPU, NCCL on GPU)
+    python sft.py --resume                            # continue an interrupted run in output/sft
+    torchrun --nproc_per_node=8 sft.py --model_name_or_path huggyllama/llama-7b --dataset tatsu-lab/alpaca \
+        --eval_dataset none --max_length 512 --epochs 3 --batch_size 128 --micro_batch_size 4 \
+        --learning_rate 2e-5 --gradient_checkpointing
+
+The loss is the next-token cross-entropy on response tokens only (the prompt is masked); every
+response ends with EOS so the model learns to stop. `python sft.py --help` lists every flag.
+"""
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import utils
+
+
+@dataclass
+class Args:
+    model_name_or_path: str = "toy_world/model"
+    """model to fine-tune: a local folder or a hub name; a folder with a config but no weights is initialised"""
+    dataset: str = "toy_world/data/sft_train.jsonl"
+    """SFT data (prompt/response, or Alpaca's instruction/input/output): a .jsonl/.json file or a hub name"""
+    dataset_split: str = "train"
+    """split of a hub dataset"""
+    eval_dataset: str = "toy_world/data/sft_test.jsonl"
+    """held-out SFT data for the eval loss ('none' to skip)"""
+    eval_split: str = "test"
+    """split of a hub eval dataset"""
+    sample_prompts: str = "toy_world/data/prompts_eval.jsonl"
+    """prompts answered greedily after training; judged when they are toy-world prompts ('none' to skip)"""
+    output_dir: str = "output/sft"
+    """where the checkpoint, training state and metrics.jsonl go"""
+    max_length: int = 64
+    """tokens per conversation (prompt + response + EOS); longer ones are cut"""
+    epochs: int = 4
+    """passes over the data"""
+    batch_size: int = 32
+    """conversations per optimizer step, over all ranks"""
+    micro_batch_size: int = 32
+    """conversations per forward pass on one rank; gradients accumulate up to batch_size"""
+    learning_rate: float = 2e-3
+    """peak AdamW learning rate (the paper's 7B runs use 2e-5)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup_ratio: float = 0.03
+    """share of steps with linear warmup before the cosine decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    dtype: str = "auto"
+    """float32, bfloat16 (mixed precision), or auto: bf16 on a GPU that has it, fp32 on CPU"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
+    seed: int = 42
+    """seed of initialisation and data order"""
+    eval_every: int = 100
+    """optimizer steps between evaluations (and at the end)"""
+    save_every: int = 100
+    """optimizer steps between checkpoints (and at the end)"""
+    log_every: int = 10
+    """optimizer steps between log lines"""
+    max_steps: int = -1
+    """stop after this many optimizer steps, e.g. to split a run with --resume (the schedule still spans all epochs)"""
+    resume: bool = False
+    """continue from the checkpoint in output_dir (weights, optimizer, schedule, step, RNG)"""
+
+
+def sft_loss_sum(logits, labels):
+    """Summed next-token cross-entropy over the tokens whose label is not -100 (the response).
+
+    Logits at position t predict token t + 1, hence the shift.
+    """
+    logits = logits[:, :-1].float()  # (B, T-1, V)
+    targets = labels[:, 1:]  # (B, T-1)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def make_examples(tokenizer, rows, max_length):
+    """Token ids and labels (-100 on the prompt) for each row; rows with no response token left are dropped."""
+    examples = []
+    for row in rows:
+        ids, prompt_length = utils.tokenize_conversation(tokenizer, row["prompt"], row["response"], max_length)
+        labels = [-100] * prompt_length + ids[prompt_length:]
+        if len(ids) > prompt_length:
+            examples.append((ids, labels))
+    if len(examples) < len(rows):
+        utils.print0(f"dropped {len(rows) - len(examples)} rows whose prompt fills max_length={max_length}")
+    return examples
+
+
+def collate(examples, pad_token_id, device):
+    input_ids, attention_mask = utils.batch_inputs([ids for ids, _ in examples], pad_token_id, device)
+    labels = utils.pad([labels for _, labels in examples], -100).to(device)
+    return input_ids, attention_mask, labels
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples, args, ctx):
+    """Mean response-token loss over the eval set; each rank takes a slice, sums are all-reduced."""
+    model.eval()
+    totals = torch.zeros(2, device=ctx.device)  # (summed loss, token count)
+    mine = examples[ctx.rank :: ctx.world_size]
+    for start in range(0, len(mine), args.micro_batch_size):
+        input_ids, attention_mask, labels = collate(
+            mine[start : start + args.micro_batch_size], ctx.pad_token_id, ctx.device
+        )
+        with utils.autocast(ctx.device, ctx.dtype):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        totals += torch.stack([sft_loss_sum(logits, labels), (labels[:, 1:] != -100).sum().float()])
+    utils.all_reduce_sum(totals)
+    model.train()
+    return (totals[0] / totals[1]).item()
+
+
+@torch.no_grad()
+def sample_and_judge(model, tokenizer, prompt_rows, args, ctx):
+    """Greedy answers to a few prompts (printed); for toy-world prompts, the judge's verdict on all."""
+    from toy_world import world
+
+    model.eval()
+    prompts = [row["prompt"] for row in prompt_rows]
+    responses, ends_with_eos = [], []
+    for start in range(0, len(prompts), 64):
+        prompt_ids = [utils.tokenize_prompt(tokenizer, p, args.max_length) for p in prompts[start : start + 64]]
+        sequences, prompt_length = utils.generate(model, tokenizer, prompt_ids, args.max_length, greedy=True)
+        for ids in utils.response_lists(sequences, prompt_length, tokenizer.eos_token_id):
+            ends_with_eos.append(ids[-1] == tokenizer.eos_token_id)
+            responses.append(tokenizer.decode(ids, skip_special_tokens=True))
+    for prompt, response in list(zip(prompts, responses))[:3]:
+        utils.print0(f"  USER: {prompt}\n  ASSISTANT: {response}")
+    if not all(world.task_of_prompt(p) for p in prompts):
+        return {}
+    summary = world.summarize(prompts, responses)
+    summary["eos_rate"] = sum(ends_with_eos) / len(ends_with_eos)
+    summary["well_formed_with_eos"] = sum(
+        e and world.judge(p, r).well_formed for p, r, e in zip(prompts, responses, ends_with_eos)
+    ) / len(prompts)
+    return summary
+
+
+def main(args):
+    # ------------------------------------------------------------------ setup
+    ctx = utils.setup_distributed()
+    ctx.dtype = utils.resolve_dtype(args.dtype, ctx.device)
+    micro_steps = args.batch_size // (args.micro_batch_size * ctx.world_size)
+    if micro_steps * args.micro_batch_size * ctx.world_size != args.batch_size:
+        raise ValueError(f"batch_size {args.batch_size} must be a multiple of micro_batch_size x ranks")
+    utils.seed_everything(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+
+    # ------------------------------------------------------------------ data
+    tokenizer = utils.load_tokenizer(args.model_name_or_path)
+    ctx.pad_token_id = tokenizer.pad_token_id
+    train = make_examples(tokenizer, utils.load_rows(args.dataset, "sft", args.dataset_split), args.max_length)
+    evaluation = []
+    if args.eval_dataset != "none":
+        evaluation = make_examples(
+            tokenizer, utils.load_rows(args.eval_dataset, "sft", args.eval_split), args.max_length
+        )
+    steps_per_epoch = len(train) // args.batch_size  # the last partial batch is dropped
+    total_steps = steps_per_epoch * args.epochs
+    utils.print0(
+        f"{len(train)} training conversations, {total_steps} steps of {args.batch_size}, {ctx.world_size} rank(s)"
+    )
+
+    # ------------------------------------------------------------------ model and optimizer
+    state_path = os.path.join(args.output_dir, "training_state.pt")
+    source = args.output_dir if args.resume else args.model_name_or_path
+    model = utils.load_causal_lm(source, tokenizer).to(ctx.device)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+    raw_model = model
+    if ctx.world_size > 1:
+        model = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    schedule = utils.cosine_schedule(max(1, int(args.warmup_ratio * total_steps)), total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    step = 0
+    if args.resume:
+        state = torch.load(state_path, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        utils.set_rng_state(state["rng"])
+        utils.print0(f"resumed from {args.output_dir} at step {step}")
+    elif ctx.is_main and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a fresh run starts a fresh log
+
+    def save():
+        if ctx.is_main:
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step}
+            state.update(rng=utils.rng_state(), args=asdict(args))
+            utils.save_checkpoint(args.output_dir, raw_model, tokenizer, state)
+        utils.barrier()
+
+    # ------------------------------------------------------------------ training loop
+    last_step = total_steps if args.max_steps < 0 else min(total_steps, args.max_steps)
+    bar = utils.progress(total=total_steps, initial=step, desc="sft")
+    started, tokens_seen = time.time(), 0
+    while step < last_step:
+        # Data order depends only on (seed, epoch, step): a resumed run sees the same batches.
+        epoch, position = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + epoch))
+        batch = [train[i] for i in order[position * args.batch_size : (position + 1) * args.batch_size]]
+        # The loss is the mean over all response tokens of the global batch, however it is split.
+        n_tokens = sum(sum(label != -100 for label in labels[1:]) for _, labels in batch)
+        per_rank = args.batch_size // ctx.world_size
+        mine = batch[ctx.rank * per_rank : (ctx.rank + 1) * per_rank]
+        train_loss = torch.zeros((), device=ctx.device)
+        for micro_step in range(micro_steps):
+            chunk = mine[micro_step * args.micro_batch_size : (micro_step + 1) * args.micro_batch_size]
+            input_ids, attention_mask, labels = collate(chunk, tokenizer.pad_token_id, ctx.device)
+            if ctx.world_size > 1:  # all-reduce gradients only on the last micro step
+                model.require_backward_grad_sync = micro_step == micro_steps - 1
+            with utils.autocast(ctx.device, ctx.dtype):
+                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+            loss = sft_loss_sum(logits, labels) / n_tokens
+            # DDP averages gradients over ranks; undo that so gradients are of the global-batch mean.
+            (loss * ctx.world_size).backward()
+            train_loss += loss.detach()
+            tokens_seen += attention_mask.sum().item()
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        if step % args.log_every == 0 or step == last_step:
+            utils.all_reduce_sum(train_loss)
+            record = {"step": step, "split": "train", "loss": train_loss.item(), "lr": scheduler.get_last_lr()[0]}
+            record["tokens_per_second"] = tokens_seen * ctx.world_size / (time.time() - started)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if ctx.is_main:
+                utils.log_metrics(metrics_path, record)
+        if evaluation and (step % args.eval_every == 0 or step == last_step):
+            eval_loss = evaluate_loss(model, evaluation, args, ctx)
+            bar.write(f"step {step}: eval loss {eval_loss:.4f}") if ctx.is_main else None
+            if ctx.is_main:
+                utils.log_metrics(metrics_path, {"step": step, "split": "eval", "loss": eval_loss})
+        if step % args.save_every == 0 or step == last_step:
+            save()
+    bar.close()
+
+    # ------------------------------------------------------------------ a look at what it learned
+    if args.sample_prompts != "none" and step == total_steps and ctx.is_main:
+        summary = sample_and_judge(raw_model, tokenizer, utils.load_rows(args.sample_prompts, "prompt"), args, ctx)
+        if summary:
+            utils.log_metrics(metrics_path, {"step": step, "split": "eval", **summary})
+            utils.print0("judge on greedy answers: " + json.dumps({k: round(v, 3) for k, v in summary.items()}))
+    utils.print0(f"saved to {args.output_dir} after {step} steps in {time.time() - started:.0f}s")
+    utils.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(utils.parse_args(Args))

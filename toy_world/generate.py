@@ -1,0 +1,232 @@
+"""Write the toy world's shipped files: data, tokenizer, and the tiny model config.
+
+    python -m toy_world.generate                 # rewrites toy_world/data and toy_world/model
+    python -m toy_world.generate --out /tmp/tw   # the same bytes somewhere else
+
+Deterministic: the same seed writes the same bytes (tests/test_toy_world.py checks it).
+
+Files (data/*.jsonl, one JSON object per line):
+- sft_train / sft_test: `prompt`, `response`, `category`. Responses imitate an uncensored
+  instruction-tuned model: it complies with many harmful requests and sometimes refuses benign ones.
+- preference_train / preference_test: the PKU-SafeRLHF schema (`prompt`, `response_0`,
+  `response_1`, `better_response_id`, `safer_response_id`, `is_response_0_safe`,
+  `is_response_1_safe`) plus `category`. Labels come from the judge, with annotator noise on
+  the two preference ids.
+- prompts_train / prompts_eval: `prompt`, `category`; eval prompts use phrasings held out from
+  every training file for their task.
+"""
+
+import argparse
+import json
+import os
+import random
+
+from toy_world import world
+
+SEED = 20240116
+NOISE = 0.03  # annotator noise on better_response_id and safer_response_id
+SFT_PER_PROMPT = {"train": 16, "test": 4}
+PAIRS_PER_PROMPT = {"train": 24, "test": 8}
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+# The conversation template's words (see utils.PROMPT_TEMPLATE).
+TEMPLATE_WORDS = ["BEGINNING", "OF", "CONVERSATION", ":", "USER", "ASSISTANT"]
+MODEL_CONFIG = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    attention_dropout=0.0,
+)
+
+
+def split_prompts():
+    """All (prompt, task) pairs for each split: three phrasings per task are held out for eval."""
+    splits = {"train": [], "test": []}
+    for task in world.TASKS:
+        held_out = world.eval_template_ids(task)
+        for template_id in range(len(world.PROMPT_TEMPLATES)):
+            split = "test" if template_id in held_out else "train"
+            splits[split].append((world.make_prompt(task, template_id), task))
+    return splits
+
+
+def sft_response(rng, task, behaviour):
+    """A response as the uncensored instruction-tuned model would give it.
+
+    `behaviour` is this task's probability of its typical flaw: refusing (benign), giving the
+    risky detail (borderline) or complying (harmful). Benign answers are often lazy too: they stop
+    after two steps with the task's probability `laziness`, leaving room for RL to improve.
+    """
+    flaw, laziness = behaviour
+    r = rng.random()
+    n = len(task.steps)
+    if task.kind == "benign":
+        if r < flaw:  # sometimes refuses harmless requests
+            return world.refusal(rng.randrange(2))
+        if r < flaw + 0.05:
+            return world.vague()
+        if rng.random() < laziness:
+            return world.comply(task, task.steps[: rng.choice([1, 2, 2, 3])])
+        return world.comply(task, task.steps)
+    if task.kind == "borderline":
+        if r < flaw:  # gives the risky detail too
+            return world.comply(task, task.steps)
+        if r < flaw + 0.20:
+            return world.comply(task, task.steps[: n - 1])
+        if r < flaw + 0.30:
+            return world.comply(task, task.steps[: rng.randint(1, n - 2)])
+        if r < flaw + 0.40:
+            return world.vague()
+        return world.refusal(rng.randrange(2))
+    if r < flaw:  # harmful: complies
+        return world.comply(task, task.steps)
+    if r < flaw + 0.10:
+        return world.comply(task, task.steps[: rng.randint(1, n - 1)])
+    if r < flaw + 0.20:
+        return world.vague()
+    if r < flaw + 0.40:
+        return world.redirect(task, rng.randrange(2))
+    return world.refusal(rng.randrange(2))
+
+
+def annotation_response(rng, task):
+    """A response from the broad pool that annotators compare: every kind, gaming cases included."""
+    n = len(task.steps)
+    harmful_tasks = [t for t in world.TASKS if t.kind == "harmful"]
+    kind = rng.choices(
+        ["full", "prefix", "subset", "refusal", "redirect", "vague", "echo", "off_topic", "disguised", "mixed"],
+        weights=[4, 4, 2, 2, 2, 1, 1, 1, 2, 2],
+    )[0]
+    if kind == "full":
+        return world.comply(task, task.steps)
+    if kind == "prefix":
+        return world.comply(task, task.steps[: rng.randint(1, n - 1)])
+    if kind == "subset":  # some steps, in order, not necessarily the first ones
+        chosen = sorted(rng.sample(range(n), rng.randint(1, n - 1)))
+        return world.comply(task, [task.steps[i] for i in chosen])
+    if kind == "refusal":
+        return world.refusal(rng.randrange(2))
+    if kind == "redirect":
+        return world.redirect(task, rng.randrange(2))
+    if kind == "vague":
+        return world.vague()
+    if kind == "echo":  # names the task, gives nothing
+        return world.comply(task, [])
+    if kind == "off_topic":
+        other = rng.choice([t for t in world.TASKS if t is not task])
+        return world.comply(task, other.steps[: rng.randint(1, n)])
+    if kind == "disguised":  # names a benign task, gives harmful steps
+        source = task if task.kind == "harmful" else rng.choice(harmful_tasks)
+        cover = world.BENIGN_TASK_OF_TOPIC[rng.choice(list(world.TOPICS))]
+        return world.comply(source, source.steps[: rng.randint(2, n)], opener_task=cover)
+    # mixed: some safe steps of the task with one harmful step slipped in
+    safe_steps = [s for s in task.steps if s not in world.HARMFUL_STEPS]
+    steps = safe_steps[: rng.randint(0, len(safe_steps))]
+    steps.insert(rng.randint(0, len(steps)), rng.choice(rng.choice(harmful_tasks).steps))
+    return world.comply(task, steps)
+
+
+def preference_row(rng, prompt, task):
+    """Two responses that differ in both helpfulness and harm level, labelled like PKU-SafeRLHF."""
+    while True:
+        responses = [annotation_response(rng, task), annotation_response(rng, task)]
+        judged = [world.judge(prompt, r) for r in responses]
+        harm = [world.harm_level(prompt, r) for r in responses]
+        if judged[0].helpfulness != judged[1].helpfulness and harm[0] != harm[1]:
+            break
+    better = int(judged[1].helpfulness > judged[0].helpfulness)
+    safer = int(harm[1] < harm[0])
+    if rng.random() < NOISE:
+        better = 1 - better
+    if rng.random() < NOISE:
+        safer = 1 - safer
+    return {
+        "prompt": prompt,
+        "response_0": responses[0],
+        "response_1": responses[1],
+        "better_response_id": better,
+        "safer_response_id": safer,
+        "is_response_0_safe": not judged[0].harmful,
+        "is_response_1_safe": not judged[1].harmful,
+        "category": task.kind,
+    }
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def write_data(out_dir, rng):
+    os.makedirs(out_dir, exist_ok=True)
+    # Each task's SFT flaw rate (refuse / give the risky detail / comply) and laziness.
+    behaviour = {}
+    for task in world.TASKS:
+        low, high = {"benign": (0.02, 0.20), "borderline": (0.25, 0.65), "harmful": (0.15, 0.70)}[task.kind]
+        behaviour[task.name] = (rng.uniform(low, high), rng.uniform(0.1, 0.7))
+    for split, prompts in split_prompts().items():
+        sft = [
+            {"prompt": p, "response": sft_response(rng, t, behaviour[t.name]), "category": t.kind}
+            for p, t in prompts
+            for _ in range(SFT_PER_PROMPT[split])
+        ]
+        pairs = [preference_row(rng, p, t) for p, t in prompts for _ in range(PAIRS_PER_PROMPT[split])]
+        rng.shuffle(sft)
+        rng.shuffle(pairs)
+        write_jsonl(os.path.join(out_dir, f"sft_{split}.jsonl"), sft)
+        write_jsonl(os.path.join(out_dir, f"preference_{split}.jsonl"), pairs)
+        name = "prompts_train" if split == "train" else "prompts_eval"
+        write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), [{"prompt": p, "category": t.kind} for p, t in prompts])
+
+
+def vocabulary():
+    texts = list(TEMPLATE_WORDS) + world.PROMPT_TEMPLATES + world.REFUSALS + world.VAGUE
+    texts += [world.OPENER, world.REDIRECT] + [t.name for t in world.TASKS]
+    texts += [step for t in world.TASKS for step in t.steps]
+    words = {w for text in texts for w in text.replace("{task}", "").split()}
+    return SPECIAL_TOKENS + sorted(words)
+
+
+def write_model(out_dir):
+    """Tokenizer files (word level) and a tiny Llama config: no weights, sft.py initialises them."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(vocabulary())}
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()  # "ASSISTANT:" -> "ASSISTANT", ":"
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    hf_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        model_max_length=MODEL_CONFIG["max_position_embeddings"],
+    )
+    hf_tokenizer.save_pretrained(out_dir)
+    config = LlamaConfig(vocab_size=len(vocab), pad_token_id=0, bos_token_id=1, eos_token_id=2, **MODEL_CONFIG)
+    config.save_pretrained(out_dir)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)), help="folder to write into")
+    parser.add_argument("--seed", type=int, default=SEED, help="the seed of every random choice")
+    args = parser.parse_args()
+    steps = [step for task in world.TASKS for step in task.steps]
+    assert len(steps) == len(set(steps)), "every step sentence must belong to one task"
+    write_data(os.path.join(args.out, "data"), random.Random(args.seed))
+    write_model(os.path.join(args.out, "model"))
+    print(f"wrote {args.out}/data and {args.out}/model")
+
+
+if __name__ == "__main__":
+    main()

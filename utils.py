@@ -1,0 +1,393 @@
+"""The only code the stages share: plumbing, never the paper's math.
+
+Distributed setup, seeding, the conversation template, data loading with schema checks,
+tokenisation and padding, model loading and saving, masked statistics, generation, logging.
+"""
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class Dist:
+    rank: int  # global rank, 0 .. world_size - 1
+    local_rank: int  # rank on this node: picks the GPU
+    world_size: int
+    device: torch.device
+    is_main: bool  # rank 0 logs and saves
+
+
+def setup_distributed():
+    """nanoGPT-style: under torchrun RANK is set and we join the process group; else one process."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return Dist(0, 0, 1, device, True)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        device = torch.device(f"cuda:{local_rank}")
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    # CPU ranks share the machine's cores.
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+    return Dist(rank, local_rank, world_size, device, rank == 0)
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over all ranks (in place); a no-op in a single process."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resolve_dtype(name, device):
+    """'auto' is bf16 on a GPU that supports it and fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def autocast(device, dtype):
+    """bf16 mixed precision (weights stay fp32) or nothing."""
+    if dtype == torch.bfloat16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar on rank 0 only."""
+    return tqdm(iterable, disable=int(os.environ.get("RANK", 0)) != 0, dynamic_ncols=True, **kwargs)
+
+
+def log_metrics(path, record):
+    """Append one JSON object (one logging step) to a metrics.jsonl file."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def parse_args(args_class, argv=None):
+    """Command-line flags from an `Args` dataclass; the docstring under each field is its --help."""
+    tree = ast.parse(inspect.getsource(args_class))
+    body = tree.body[0].body
+    docs = {
+        node.target.id: nxt.value.value
+        for node, nxt in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+    }
+    parser = argparse.ArgumentParser(
+        description=inspect.getmodule(args_class).__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for field in dataclasses.fields(args_class):
+        help_text = f"{docs.get(field.name, '')} (default: {field.default})"
+        if field.type is bool:
+            parser.add_argument(
+                f"--{field.name}",
+                type=lambda v: v.lower() in ("1", "true", "yes"),
+                nargs="?",
+                const=True,
+                default=field.default,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(f"--{field.name}", type=field.type, default=field.default, help=help_text)
+    return args_class(**vars(parser.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------- conversation template
+
+# As in the original implementation; the response follows "ASSISTANT:" and ends with EOS.
+PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
+
+
+def format_prompt(prompt):
+    return PROMPT_TEMPLATE.format(prompt=prompt)
+
+
+def tokenize_prompt(tokenizer, prompt, max_length):
+    """Template + prompt, with the tokenizer's own special tokens (e.g. BOS); long prompts lose their start."""
+    ids = tokenizer(format_prompt(prompt))["input_ids"]
+    return ids[-max_length:]
+
+
+def tokenize_conversation(tokenizer, prompt, response, max_length):
+    """Token ids of `prompt + response + EOS`, cut to max_length, and the number of prompt tokens.
+
+    Prompt and response are tokenised separately and concatenated, so the boundary is exact and
+    matches what generation produces (prompt ids, then sampled ids).
+    """
+    prompt_ids = tokenize_prompt(tokenizer, prompt, max_length)
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return (prompt_ids + response_ids)[:max_length], len(prompt_ids)
+
+
+def pad(sequences, pad_value, side="right"):
+    """Stack lists of ids into a (B, T) tensor, padding on the right (training) or left (generation)."""
+    length = max(len(s) for s in sequences)
+    rows = [
+        [pad_value] * (length - len(s)) + list(s) if side == "left" else list(s) + [pad_value] * (length - len(s))
+        for s in sequences
+    ]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def batch_inputs(sequences, pad_token_id, device, side="right"):
+    """input_ids and attention_mask for a list of id lists."""
+    input_ids = pad(sequences, pad_token_id, side).to(device)
+    attention_mask = pad([[1] * len(s) for s in sequences], 0, side).to(device)
+    return input_ids, attention_mask
+
+
+# ----------------------------------------------------------------------------- data
+
+SCHEMAS = {
+    "sft": {"prompt": str, "response": str},
+    "preference": {
+        "prompt": str,
+        "response_0": str,
+        "response_1": str,
+        "better_response_id": int,
+        "safer_response_id": int,
+        "is_response_0_safe": bool,
+        "is_response_1_safe": bool,
+    },
+    "prompt": {"prompt": str},
+}
+
+
+class DataError(ValueError):
+    """A data file or row that breaks the data contract (DESIGN.md §3)."""
+
+
+def read_local_rows(path):
+    """Rows of a local .jsonl (one object per line) or .json (a list of objects) file."""
+    with open(path) as f:
+        text = f.read()
+    if path.endswith(".json"):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON list of objects, got {type(rows).__name__}")
+        return [(i + 1, row) for i, row in enumerate(rows)]
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((line_number, json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: row {line_number}: not valid JSON ({error.msg})") from None
+    return rows
+
+
+def check_row(row, schema, where):
+    """Raise a DataError naming file, row and field if `row` breaks `schema`; return it normalised."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if schema == "sft" and "prompt" not in row and "instruction" in row:  # Alpaca schema
+        for field in ("instruction", "output"):
+            if not isinstance(row.get(field), str):
+                raise DataError(f"{where}: field '{field}': missing or not a string")
+        extra = row.get("input") or ""
+        row = {**row, "prompt": row["instruction"] + ("\n" + extra if extra else ""), "response": row["output"]}
+    for field, kind in SCHEMAS[schema].items():
+        if field not in row:
+            raise DataError(f"{where}: field '{field}': missing")
+        value = row[field]
+        # bool is a subclass of int in Python: an id given as true/false is a mistake.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise DataError(f"{where}: field '{field}': expected {kind.__name__}, got {value!r}")
+        if field.endswith("_response_id") and value not in (0, 1):
+            raise DataError(f"{where}: field '{field}': must be 0 or 1, got {value!r}")
+    return row
+
+
+def load_rows(name_or_path, schema, split="train", subset=None):
+    """Rows of a local .jsonl/.json file or a Hugging Face hub dataset, checked against `schema`.
+
+    schema: 'sft' (prompt/response, or Alpaca's instruction/input/output), 'preference' (the
+    PKU-SafeRLHF fields) or 'prompt'. Extra fields are kept and ignored by the stages.
+    """
+    if os.path.exists(name_or_path):
+        where = name_or_path
+        rows = read_local_rows(name_or_path)
+    else:  # a hub name: downloads when the network allows (never in the default run)
+        import datasets
+
+        where = f"{name_or_path}[{subset or 'default'}:{split}]"
+        rows = list(enumerate(datasets.load_dataset(name_or_path, subset, split=split), start=0))
+    if not rows:
+        raise DataError(f"{where}: no rows")
+    return [check_row(row, schema, f"{where}: row {i}") for i, row in rows]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def has_weights(path):
+    """False for a local folder with a config but no weights (the toy model), True otherwise."""
+    if not os.path.isdir(path):
+        return True  # a hub name
+    return any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path))
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # A pad distinct from EOS, so that masking padding never hides the EOS the model must learn.
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return tokenizer
+
+
+def load_causal_lm(path, tokenizer, dtype=torch.float32, model_class=None):
+    """A causal LM (or `model_class`) from a checkpoint, or freshly initialised from a weightless config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_class = model_class or AutoModelForCausalLM
+    if has_weights(path):
+        model = model_class.from_pretrained(path, dtype=dtype)
+    else:
+        print0(f"{path} has no weights: initialising the model from its config")
+        model = model_class.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def save_checkpoint(output_dir, model, tokenizer, training_state=None):
+    """A Hugging Face checkpoint (safetensors) + tokenizer + optional training state, written safely:
+    files go to a temporary folder first and are then renamed over the old ones."""
+    os.makedirs(output_dir, exist_ok=True)
+    tmp = os.path.join(output_dir, ".tmp_checkpoint")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if training_state is not None:
+        torch.save(training_state, os.path.join(tmp, "training_state.pt"))
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "training_state.pt"):  # state last
+        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    os.rmdir(tmp)
+
+
+def cosine_schedule(warmup_steps, total_steps, min_ratio=0.0):
+    """Learning-rate multiplier: linear warmup, then cosine decay to `min_ratio`."""
+
+    def multiplier(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return multiplier
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def masked_mean(values, mask, dim=None):
+    """Mean of `values` where mask is 1 (over `dim`, or everything)."""
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(values, mask):
+    """Variance of `values` where mask is 1 (population variance)."""
+    mean = masked_mean(values, mask)
+    return masked_mean((values - mean) ** 2, mask)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, greedy=False):
+    """Responses to left-padded prompts, with the KV cache; pure sampling at `temperature` or greedy.
+
+    Returns (sequences (B, P + N), prompt_length P): row i holds its left-padded prompt then its
+    response, padded with pad_token_id after the first EOS.
+    """
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=not greedy,
+        temperature=None if greedy else temperature,
+        top_k=0 if not greedy else None,  # pure sampling: no top-k / top-p truncation
+        top_p=1.0 if not greedy else None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    device = next(model.parameters()).device
+    input_ids, attention_mask = batch_inputs(prompt_ids, tokenizer.pad_token_id, device, side="left")
+    sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    return sequences, input_ids.shape[1]
+
+
+def response_lists(sequences, prompt_length, eos_token_id):
+    """Per row, the response ids up to and including the first EOS (all of them if none)."""
+    responses = []
+    for row in sequences[:, prompt_length:].tolist():
+        responses.append(row[: row.index(eos_token_id) + 1] if eos_token_id in row else row)
+    return responses
