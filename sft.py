@@ -103,16 +103,14 @@ def collate(examples, pad_token_id, device):
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples, args, ctx):
+def evaluate_loss(model, examples, pad_token_id, dtype, batch_size, ctx):
     """Mean response-token loss over the eval set; each rank takes a slice, sums are all-reduced."""
     model.eval()
     totals = torch.zeros(2, device=ctx.device)  # (summed loss, token count)
     mine = examples[ctx.rank :: ctx.world_size]
-    for start in range(0, len(mine), args.micro_batch_size):
-        input_ids, attention_mask, labels = collate(
-            mine[start : start + args.micro_batch_size], ctx.pad_token_id, ctx.device
-        )
-        with utils.autocast(ctx.device, ctx.dtype):
+    for start in range(0, len(mine), batch_size):
+        input_ids, attention_mask, labels = collate(mine[start : start + batch_size], pad_token_id, ctx.device)
+        with utils.autocast(ctx.device, dtype):
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         totals += torch.stack([sft_loss_sum(logits, labels), (labels[:, 1:] != -100).sum().float()])
     utils.all_reduce_sum(totals)
@@ -121,7 +119,7 @@ def evaluate_loss(model, examples, args, ctx):
 
 
 @torch.no_grad()
-def sample_and_judge(model, tokenizer, prompt_rows, args, ctx):
+def sample_and_judge(model, tokenizer, prompt_rows, args):
     """Greedy answers to a few prompts (printed); for toy-world prompts, the judge's verdict on all."""
     from toy_world import world
 
@@ -149,7 +147,7 @@ def sample_and_judge(model, tokenizer, prompt_rows, args, ctx):
 def main(args):
     # ------------------------------------------------------------------ setup
     ctx = utils.setup_distributed()
-    ctx.dtype = utils.resolve_dtype(args.dtype, ctx.device)
+    dtype = utils.resolve_dtype(args.dtype, ctx.device)
     micro_steps = args.batch_size // (args.micro_batch_size * ctx.world_size)
     if micro_steps * args.micro_batch_size * ctx.world_size != args.batch_size:
         raise ValueError(f"batch_size {args.batch_size} must be a multiple of micro_batch_size x ranks")
@@ -159,7 +157,6 @@ def main(args):
 
     # ------------------------------------------------------------------ data
     tokenizer = utils.load_tokenizer(args.model_name_or_path)
-    ctx.pad_token_id = tokenizer.pad_token_id
     train = make_examples(tokenizer, utils.load_rows(args.dataset, "sft", args.dataset_split), args.max_length)
     evaluation = []
     if args.eval_dataset != "none":
@@ -177,8 +174,7 @@ def main(args):
     source = args.output_dir if args.resume else args.model_name_or_path
     model = utils.load_causal_lm(source, tokenizer).to(ctx.device)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        utils.enable_gradient_checkpointing(model)
     model.train()
     raw_model = model
     if ctx.world_size > 1:
@@ -223,7 +219,7 @@ def main(args):
             input_ids, attention_mask, labels = collate(chunk, tokenizer.pad_token_id, ctx.device)
             if ctx.world_size > 1:  # all-reduce gradients only on the last micro step
                 model.require_backward_grad_sync = micro_step == micro_steps - 1
-            with utils.autocast(ctx.device, ctx.dtype):
+            with utils.autocast(ctx.device, dtype):
                 logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
             loss = sft_loss_sum(logits, labels) / n_tokens
             # DDP averages gradients over ranks; undo that so gradients are of the global-batch mean.
@@ -245,9 +241,9 @@ def main(args):
             if ctx.is_main:
                 utils.log_metrics(metrics_path, record)
         if evaluation and (step % args.eval_every == 0 or step == last_step):
-            eval_loss = evaluate_loss(model, evaluation, args, ctx)
-            bar.write(f"step {step}: eval loss {eval_loss:.4f}") if ctx.is_main else None
+            eval_loss = evaluate_loss(model, evaluation, tokenizer.pad_token_id, dtype, args.micro_batch_size, ctx)
             if ctx.is_main:
+                bar.write(f"step {step}: eval loss {eval_loss:.4f}")
                 utils.log_metrics(metrics_path, {"step": step, "split": "eval", "loss": eval_loss})
         if step % args.save_every == 0 or step == last_step:
             save()
@@ -255,7 +251,7 @@ def main(args):
 
     # ------------------------------------------------------------------ a look at what it learned
     if args.sample_prompts != "none" and step == total_steps and ctx.is_main:
-        summary = sample_and_judge(raw_model, tokenizer, utils.load_rows(args.sample_prompts, "prompt"), args, ctx)
+        summary = sample_and_judge(raw_model, tokenizer, utils.load_rows(args.sample_prompts, "prompt"), args)
         if summary:
             utils.log_metrics(metrics_path, {"step": step, "split": "eval", **summary})
             utils.print0("judge on greedy answers: " + json.dumps({k: round(v, 3) for k, v in summary.items()}))

@@ -314,6 +314,12 @@ def load_causal_lm(path, tokenizer, dtype=torch.float32, model_class=None):
     return model
 
 
+def enable_gradient_checkpointing(model):
+    """Recompute activations in backward (non-reentrant, no KV cache while training)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
 def save_checkpoint(output_dir, model, tokenizer, training_state=None):
     """A Hugging Face checkpoint (safetensors) + tokenizer + optional training state, written safely:
     files go to a temporary folder first and are then renamed over the old ones."""
