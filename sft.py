@@ -14,7 +14,7 @@ response ends with EOS so the model learns to stop. `python sft.py --help` lists
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -163,14 +163,12 @@ def main(args):
         evaluation = make_examples(
             tokenizer, utils.load_rows(args.eval_dataset, "sft", args.eval_split), args.max_length
         )
-    steps_per_epoch = len(train) // args.batch_size  # the last partial batch is dropped
-    total_steps = steps_per_epoch * args.epochs
+    total_steps = len(train) // args.batch_size * args.epochs  # the last partial batch is dropped
     utils.print0(
         f"{len(train)} training conversations, {total_steps} steps of {args.batch_size}, {ctx.world_size} rank(s)"
     )
 
     # ------------------------------------------------------------------ model and optimizer
-    state_path = os.path.join(args.output_dir, "training_state.pt")
     source = args.output_dir if args.resume else args.model_name_or_path
     model = utils.load_causal_lm(source, tokenizer).to(ctx.device)
     if args.gradient_checkpointing:
@@ -179,24 +177,16 @@ def main(args):
     raw_model = model
     if ctx.world_size > 1:
         model = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    schedule = utils.cosine_schedule(max(1, int(args.warmup_ratio * total_steps)), total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    step = 0
-    if args.resume:
-        state = torch.load(state_path, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
-        utils.set_rng_state(state["rng"])
-        utils.print0(f"resumed from {args.output_dir} at step {step}")
-    elif ctx.is_main and os.path.exists(metrics_path):
+    optimizer, scheduler = utils.optimizer_and_scheduler(
+        raw_model, args.learning_rate, args.weight_decay, args.warmup_ratio, total_steps
+    )
+    step = utils.restore_training_state(args.output_dir, optimizer, scheduler) if args.resume else 0
+    if not args.resume and ctx.is_main and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run starts a fresh log
 
     def save():
         if ctx.is_main:
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step}
-            state.update(rng=utils.rng_state(), args=asdict(args))
+            state = utils.training_state(optimizer, scheduler, step, args)
             utils.save_checkpoint(args.output_dir, raw_model, tokenizer, state)
         utils.barrier()
 
@@ -205,10 +195,7 @@ def main(args):
     bar = utils.progress(total=total_steps, initial=step, desc="sft")
     started, tokens_seen = time.time(), 0
     while step < last_step:
-        # Data order depends only on (seed, epoch, step): a resumed run sees the same batches.
-        epoch, position = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed + epoch))
-        batch = [train[i] for i in order[position * args.batch_size : (position + 1) * args.batch_size]]
+        batch = [train[i] for i in utils.global_batch(len(train), args.batch_size, args.seed, step)]
         # The loss is the mean over all response tokens of the global batch, however it is split.
         n_tokens = sum(sum(label != -100 for label in labels[1:]) for _, labels in batch)
         per_rank = args.batch_size // ctx.world_size

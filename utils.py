@@ -123,13 +123,12 @@ def log_metrics(path, record):
 
 def parse_args(args_class, argv=None):
     """Command-line flags from an `Args` dataclass; the docstring under each field is its --help."""
-    tree = ast.parse(inspect.getsource(args_class))
-    body = tree.body[0].body
-    docs = {
-        node.target.id: nxt.value.value
-        for node, nxt in zip(body, body[1:])
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-    }
+    docs = {}
+    for cls in reversed([c for c in args_class.__mro__ if dataclasses.is_dataclass(c)]):  # a subclass overrides
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+        for node, following in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
+                docs[node.target.id] = following.value.value
     parser = argparse.ArgumentParser(
         description=inspect.getmodule(args_class).__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -335,6 +334,71 @@ def save_checkpoint(output_dir, model, tokenizer, training_state=None):
     os.rmdir(tmp)
 
 
+def position_ids(attention_mask):
+    """Positions that skip left padding, so a left-padded row is computed exactly like an unpadded one."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ScoreModel(torch.nn.Module):
+    """A reward or cost model: a causal-LM backbone with a linear score head, one score per token.
+
+    Wraps a Hugging Face `AutoModelForSequenceClassification` (num_labels=1), so checkpoints reload
+    with ordinary transformers calls. forward() gives per-token scores (B, T), which a critic uses
+    as values; end_scores() reads the score at the last real token of each row (any padding side).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+        ).last_hidden_state  # (B, T, H)
+        return self.model.score(hidden).squeeze(-1).float()  # (B, T)
+
+    def end_scores(self, input_ids, attention_mask):
+        return end_of_sequence(self(input_ids, attention_mask), attention_mask)
+
+
+def end_of_sequence(values, attention_mask):
+    """values (B, T) at each row's last real token: the EOS, or the last token kept by truncation."""
+    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
+    last = (positions * attention_mask).argmax(-1)  # (B,)
+    return values.gather(1, last[:, None]).squeeze(1)
+
+
+def load_score_model(path, tokenizer, dtype=torch.float32):
+    """A ScoreModel from a score checkpoint, or a new score head on a causal LM (e.g. output/sft)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    kwargs = dict(num_labels=1, id2label={0: "score"}, label2id={"score": 0})
+    if has_weights(path):
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, **kwargs)
+    else:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return ScoreModel(model)
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, prompts, responses, max_length, batch_size=64):
+    """End scores (N,) of (prompt, response) texts under a ScoreModel, tokenised with its own tokenizer."""
+    device = next(model.parameters()).device
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        ids = [
+            tokenize_conversation(tokenizer, p, r, max_length)[0]
+            for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size])
+        ]
+        input_ids, attention_mask = batch_inputs(ids, tokenizer.pad_token_id, device)
+        scores.append(model.end_scores(input_ids, attention_mask))
+    return torch.cat(scores)
+
+
 def cosine_schedule(warmup_steps, total_steps, min_ratio=0.0):
     """Learning-rate multiplier: linear warmup, then cosine decay to `min_ratio`."""
 
@@ -345,6 +409,44 @@ def cosine_schedule(warmup_steps, total_steps, min_ratio=0.0):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return multiplier
+
+
+def optimizer_and_scheduler(model, learning_rate, weight_decay, warmup_ratio, total_steps):
+    """AdamW with linear warmup and cosine decay."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    schedule = cosine_schedule(max(1, int(warmup_ratio * total_steps)), total_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def global_batch(n_examples, batch_size, seed, step):
+    """Indices of the examples of optimizer step `step` (epochs of seeded shuffles, last partial batch dropped).
+
+    The order depends only on (seed, step), so a resumed run sees exactly the batches it would have.
+    """
+    epoch, position = divmod(step, n_examples // batch_size)
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[position * batch_size : (position + 1) * batch_size].tolist()
+
+
+def training_state(optimizer, scheduler, step, args):
+    """What --resume needs besides the weights."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+        "rng": rng_state(),
+        "args": dataclasses.asdict(args),
+    }
+
+
+def restore_training_state(output_dir, optimizer, scheduler):
+    """Load optimizer, schedule and RNG saved by a previous run; return its step."""
+    state = torch.load(os.path.join(output_dir, "training_state.pt"), weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    print0(f"resumed from {output_dir} at step {state['step']}")
+    return state["step"]
 
 
 # ----------------------------------------------------------------------------- statistics

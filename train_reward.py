@@ -1,0 +1,262 @@
+r"""Stage 2: the reward model R, trained with the Bradley-Terry loss on helpfulness pairs (eq. 5).
+
+    python train_reward.py                                # toy preference data, from output/sft -> output/reward
+    torchrun --nproc_per_node=2 train_reward.py           # the same, data parallel
+    python train_reward.py --resume                       # continue an interrupted run
+    torchrun --nproc_per_node=8 train_reward.py --model_name_or_path output/sft_alpaca \
+        --dataset PKU-Alignment/PKU-SafeRLHF --eval_dataset PKU-Alignment/PKU-SafeRLHF --max_length 512 \
+        --epochs 2 --batch_size 64 --micro_batch_size 4 --learning_rate 2e-5 --regularization 0.001 \
+        --gradient_checkpointing --output_dir output/reward_pku
+
+The score model is the SFT backbone with a linear score head; a response's score is read at the
+last real token of `prompt + response` (its EOS). `y_w` is the response named by
+`better_response_id`. The training loop here (`train`) is shared with train_cost.py, which only
+brings its own loss and evaluation.
+"""
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import utils
+
+
+@dataclass
+class Args:
+    model_name_or_path: str = "output/sft"
+    """backbone: the SFT checkpoint (a new score head is added) or a score-model checkpoint"""
+    dataset: str = "toy_world/data/preference_train.jsonl"
+    """preference pairs in the PKU-SafeRLHF schema: a .jsonl/.json file or a hub name"""
+    dataset_subset: str = ""
+    """subset (config) of a hub dataset, e.g. 'alpaca-7b' for PKU-SafeRLHF"""
+    dataset_split: str = "train"
+    """split of a hub dataset"""
+    eval_dataset: str = "toy_world/data/preference_test.jsonl"
+    """held-out pairs for evaluation ('none' to skip)"""
+    eval_split: str = "test"
+    """split of a hub eval dataset"""
+    output_dir: str = "output/reward"
+    """where the checkpoint, training state and metrics.jsonl go"""
+    max_length: int = 64
+    """tokens per prompt + response (+ EOS); longer ones are cut"""
+    epochs: int = 2
+    """passes over the pairs"""
+    batch_size: int = 32
+    """pairs per optimizer step, over all ranks"""
+    micro_batch_size: int = 32
+    """pairs per forward pass on one rank; gradients accumulate up to batch_size"""
+    learning_rate: float = 1e-3
+    """peak AdamW learning rate (the paper's 7B runs use 2e-5)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup_ratio: float = 0.03
+    """share of steps with linear warmup before the cosine decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    regularization: float = 0.0
+    """L2 penalty on the end scores, keeps them near 0 (the original code uses 0.001 for its 7B models)"""
+    dtype: str = "auto"
+    """float32, bfloat16 (mixed precision), or auto: bf16 on a GPU that has it, fp32 on CPU"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass to save memory"""
+    seed: int = 42
+    """seed of the score head's initialisation and of data order"""
+    eval_every: int = 0
+    """optimizer steps between evaluations (0: at the end of every epoch); always at the end"""
+    save_every: int = 100
+    """optimizer steps between checkpoints (and at the end)"""
+    log_every: int = 10
+    """optimizer steps between log lines"""
+    max_steps: int = -1
+    """stop after this many optimizer steps, e.g. to split a run with --resume (the schedule still spans all epochs)"""
+    resume: bool = False
+    """continue from the checkpoint in output_dir (weights, optimizer, schedule, step, RNG)"""
+
+
+# L_R(φ; D_R) = -E_(x, y_w, y_l)~D_R [ log σ(R(y_w, x) - R(y_l, x)) ]    (eq. 5)
+def reward_loss(better_rewards, worse_rewards, regularization=0.0):
+    loss = -F.logsigmoid(better_rewards - worse_rewards).mean()
+    if regularization > 0:  # as in the original code: keeps scores near 0
+        loss = loss + regularization * torch.stack([better_rewards, worse_rewards]).square().mean()
+    return loss
+
+
+def reward_pairs(rows, where=None):
+    """(prompt, y_w, y_l, s_w, s_l) per row: y_w is the more helpful response. Signs are unused here."""
+    return [
+        (
+            row["prompt"],
+            row[f"response_{row['better_response_id']}"],
+            row[f"response_{1 - row['better_response_id']}"],
+            0,
+            0,
+        )
+        for row in rows
+    ]
+
+
+def tokenize_pairs(tokenizer, pairs, max_length):
+    """Token ids of both conversations of each pair, plus the signs."""
+    return [
+        (
+            utils.tokenize_conversation(tokenizer, prompt, y_w, max_length)[0],
+            utils.tokenize_conversation(tokenizer, prompt, y_l, max_length)[0],
+            s_w,
+            s_l,
+        )
+        for prompt, y_w, y_l, s_w, s_l in pairs
+    ]
+
+
+def pair_scores(model, pairs, pad_token_id, device, dtype):
+    """End scores of y_w and y_l for a list of tokenized pairs, in one right-padded forward pass."""
+    input_ids, attention_mask = utils.batch_inputs([p[0] for p in pairs] + [p[1] for p in pairs], pad_token_id, device)
+    with utils.autocast(device, dtype):
+        scores = model(input_ids, attention_mask)  # (2B, T)
+    end_scores = utils.end_of_sequence(scores, attention_mask)  # (2B,)
+    return end_scores[: len(pairs)], end_scores[len(pairs) :]
+
+
+@torch.no_grad()
+def evaluate_reward(model, pairs, pad_token_id, device, dtype, batch_size, ctx):
+    """Preference accuracy (share of pairs with R(y_w) > R(y_l)) and the mean/std of all rewards."""
+    better, worse = score_all(model, pairs, pad_token_id, device, dtype, batch_size, ctx)
+    rewards = torch.cat([better, worse])
+    return {
+        "accuracy": (better > worse).float().mean().item(),
+        "reward_mean": rewards.mean().item(),
+        "reward_std": rewards.std().item(),
+    }
+
+
+@torch.no_grad()
+def score_all(model, pairs, pad_token_id, device, dtype, batch_size, ctx):
+    """End scores of every pair, each rank scoring a slice; gathered in the original order."""
+    model.eval()
+    mine = list(range(ctx.rank, len(pairs), ctx.world_size))
+    scores = torch.zeros(2, len(pairs), device=device)
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start : start + batch_size]
+        better, worse = pair_scores(model, [pairs[i] for i in chunk], pad_token_id, device, dtype)
+        scores[0, chunk], scores[1, chunk] = better, worse
+    model.train()
+    utils.all_reduce_sum(scores)  # every entry was filled by exactly one rank
+    return scores[0], scores[1]
+
+
+def train(args, make_pairs, loss_fn, evaluate_fn, stage):
+    """The hand-written training loop of a score model (used by train_reward.py and train_cost.py).
+
+    make_pairs(rows, file name) -> [(prompt, y_w, y_l, s_w, s_l)];  loss_fn(scores_w, scores_l, s_w, s_l) -> loss;
+    evaluate_fn(model, pairs, pad_token_id, device, dtype, batch_size, ctx) -> metrics dict.
+    """
+    # ------------------------------------------------------------------ setup
+    ctx = utils.setup_distributed()
+    dtype = utils.resolve_dtype(args.dtype, ctx.device)
+    micro_steps = args.batch_size // (args.micro_batch_size * ctx.world_size)
+    if micro_steps * args.micro_batch_size * ctx.world_size != args.batch_size:
+        raise ValueError(f"batch_size {args.batch_size} must be a multiple of micro_batch_size x ranks")
+    utils.seed_everything(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+
+    # ------------------------------------------------------------------ data
+    tokenizer = utils.load_tokenizer(args.model_name_or_path)
+    subset = args.dataset_subset or None
+    train_rows = utils.load_rows(args.dataset, "preference", args.dataset_split, subset)
+    train_pairs = tokenize_pairs(tokenizer, make_pairs(train_rows, args.dataset), args.max_length)
+    eval_pairs = []
+    if args.eval_dataset != "none":
+        eval_rows = utils.load_rows(args.eval_dataset, "preference", args.eval_split, subset)
+        eval_pairs = tokenize_pairs(tokenizer, make_pairs(eval_rows, args.eval_dataset), args.max_length)
+    total_steps = len(train_pairs) // args.batch_size * args.epochs
+    utils.print0(
+        f"{len(train_pairs)} training pairs, {total_steps} steps of {args.batch_size}, {ctx.world_size} rank(s)"
+    )
+
+    # ------------------------------------------------------------------ model and optimizer
+    source = args.output_dir if args.resume else args.model_name_or_path
+    model = utils.load_score_model(source, tokenizer).to(ctx.device)
+    if args.gradient_checkpointing:
+        utils.enable_gradient_checkpointing(model.model)
+    model.train()
+    raw_model = model
+    if ctx.world_size > 1:
+        model = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    optimizer, scheduler = utils.optimizer_and_scheduler(
+        raw_model, args.learning_rate, args.weight_decay, args.warmup_ratio, total_steps
+    )
+    step = utils.restore_training_state(args.output_dir, optimizer, scheduler) if args.resume else 0
+    if not args.resume and ctx.is_main and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+
+    def save():
+        if ctx.is_main:
+            state = utils.training_state(optimizer, scheduler, step, args)
+            utils.save_checkpoint(args.output_dir, raw_model.model, tokenizer, state)
+        utils.barrier()
+
+    def evaluate():
+        metrics = evaluate_fn(model, eval_pairs, tokenizer.pad_token_id, ctx.device, dtype, args.micro_batch_size, ctx)
+        if ctx.is_main:
+            utils.log_metrics(metrics_path, {"step": step, "split": "eval", **metrics})
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    # ------------------------------------------------------------------ training loop
+    last_step = total_steps if args.max_steps < 0 else min(total_steps, args.max_steps)
+    bar = utils.progress(total=total_steps, initial=step, desc=stage)
+    started = time.time()
+    while step < last_step:
+        batch = [train_pairs[i] for i in utils.global_batch(len(train_pairs), args.batch_size, args.seed, step)]
+        per_rank = args.batch_size // ctx.world_size
+        mine = batch[ctx.rank * per_rank : (ctx.rank + 1) * per_rank]
+        totals = torch.zeros(2, device=ctx.device)  # (loss, accuracy) summed over micro steps
+        for micro_step in range(micro_steps):
+            chunk = mine[micro_step * args.micro_batch_size : (micro_step + 1) * args.micro_batch_size]
+            if ctx.world_size > 1:  # all-reduce gradients only on the last micro step
+                model.require_backward_grad_sync = micro_step == micro_steps - 1
+            scores_w, scores_l = pair_scores(model, chunk, tokenizer.pad_token_id, ctx.device, dtype)
+            signs_w = torch.tensor([p[2] for p in chunk], device=ctx.device, dtype=torch.float)
+            signs_l = torch.tensor([p[3] for p in chunk], device=ctx.device, dtype=torch.float)
+            loss = loss_fn(scores_w, scores_l, signs_w, signs_l) / micro_steps
+            loss.backward()  # DDP averages over ranks: the gradient is that of the global-batch mean
+            totals += torch.stack([loss.detach(), (scores_w > scores_l).float().mean().detach() / micro_steps])
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        if step % args.log_every == 0 or step == last_step:
+            utils.all_reduce_sum(totals)
+            loss, accuracy = (totals / ctx.world_size).tolist()
+            bar.set_postfix(loss=f"{loss:.3f}", accuracy=f"{accuracy:.2f}")
+            if ctx.is_main:
+                record = {"step": step, "split": "train", "loss": loss, "accuracy": accuracy}
+                utils.log_metrics(metrics_path, {**record, "lr": scheduler.get_last_lr()[0]})
+        every = args.eval_every or len(train_pairs) // args.batch_size
+        if eval_pairs and (step % every == 0 or step == last_step):
+            evaluate()
+        if step % args.save_every == 0 or step == last_step:
+            save()
+    bar.close()
+    utils.print0(f"saved to {args.output_dir} after {step} steps in {time.time() - started:.0f}s")
+    return ctx, model, tokenizer, eval_pairs, dtype
+
+
+def main(args):
+    def loss(better_rewards, worse_rewards, _signs_w, _signs_l):
+        return reward_loss(better_rewards, worse_rewards, args.regularization)
+
+    train(args, reward_pairs, loss, evaluate_reward, "reward")
+    utils.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(utils.parse_args(Args))
