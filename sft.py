@@ -119,7 +119,7 @@ def evaluate_loss(model, examples, pad_token_id, dtype, batch_size, ctx):
 
 
 @torch.no_grad()
-def sample_and_judge(model, tokenizer, prompt_rows, args):
+def sample_and_judge(model, tokenizer, prompt_rows, max_prompt_length, max_new_tokens):
     """Greedy answers to a few prompts (printed); for toy-world prompts, the judge's verdict on all."""
     from toy_world import world
 
@@ -127,8 +127,8 @@ def sample_and_judge(model, tokenizer, prompt_rows, args):
     prompts = [row["prompt"] for row in prompt_rows]
     responses, ends_with_eos = [], []
     for start in range(0, len(prompts), 64):
-        prompt_ids = [utils.tokenize_prompt(tokenizer, p, args.max_length) for p in prompts[start : start + 64]]
-        sequences, prompt_length = utils.generate(model, tokenizer, prompt_ids, args.max_length, greedy=True)
+        prompt_ids = [utils.tokenize_prompt(tokenizer, p, max_prompt_length) for p in prompts[start : start + 64]]
+        sequences, prompt_length = utils.generate(model, tokenizer, prompt_ids, max_new_tokens, greedy=True)
         for ids in utils.response_lists(sequences, prompt_length, tokenizer.eos_token_id):
             ends_with_eos.append(ids[-1] == tokenizer.eos_token_id)
             responses.append(tokenizer.decode(ids, skip_special_tokens=True))
@@ -238,7 +238,9 @@ def main(args):
 
     # ------------------------------------------------------------------ a look at what it learned
     if args.sample_prompts != "none" and step == total_steps and ctx.is_main:
-        summary = sample_and_judge(raw_model, tokenizer, utils.load_rows(args.sample_prompts, "prompt"), args)
+        summary = sample_and_judge(
+            raw_model, tokenizer, utils.load_rows(args.sample_prompts, "prompt"), args.max_length, args.max_length
+        )
         if summary:
             utils.log_metrics(metrics_path, {"step": step, "split": "eval", **summary})
             utils.print0("judge on greedy answers: " + json.dumps({k: round(v, 3) for k, v in summary.items()}))

@@ -125,7 +125,10 @@ def parse_args(args_class, argv=None):
     """Command-line flags from an `Args` dataclass; the docstring under each field is its --help."""
     docs = {}
     for cls in reversed([c for c in args_class.__mro__ if dataclasses.is_dataclass(c)]):  # a subclass overrides
-        body = ast.parse(inspect.getsource(cls)).body[0].body
+        try:
+            body = ast.parse(inspect.getsource(cls)).body[0].body
+        except OSError:  # no source (e.g. run under a profiler): flags without their help text
+            continue
         for node, following in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
                 docs[node.target.id] = following.value.value
@@ -313,6 +316,19 @@ def load_causal_lm(path, tokenizer, dtype=torch.float32, model_class=None):
     return model
 
 
+def disable_dropout(model):
+    """RL needs a deterministic policy forward: the PPO ratio must be exactly 1 before any update."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # functional dropout in attention
+            module.attention_dropout = 0.0
+    config = model.model.config if isinstance(model, ScoreModel) else model.config
+    for key, value in config.to_dict().items():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(config, key, 0.0)
+
+
 def enable_gradient_checkpointing(model):
     """Recompute activations in backward (non-reentrant, no KV cache while training)."""
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -486,6 +502,7 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, gree
         top_p=1.0 if not greedy else None,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,  # the KV cache, even when training turned it off for gradient checkpointing
     )
     device = next(model.parameters()).device
     input_ids, attention_mask = batch_inputs(prompt_ids, tokenizer.pad_token_id, device, side="left")

@@ -1,0 +1,534 @@
+r"""Stage 4: PPO-Lagrangian, the heart of Safe RLHF (eqs. 7-10), with the PPO and reward-shaping baselines.
+
+    python ppo_lagrangian.py                                   # PPO-Lag on the toy world -> output/ppo_lag
+    python ppo_lagrangian.py --algorithm ppo                   # reward only, λ ≡ 0      -> output/ppo
+    python ppo_lagrangian.py --algorithm reward_shaping --nu 1 # fixed R - ν·C           -> output/reward_shaping_1.0
+    python ppo_lagrangian.py --resume                          # continue an interrupted run
+    torchrun --nproc_per_node=8 ppo_lagrangian.py --actor_model_name_or_path output/sft_alpaca \
+        --reward_model output/reward_pku --cost_model output/cost_pku --prompts PKU-Alignment/PKU-SafeRLHF \
+        --max_prompt_length 256 --max_new_tokens 256 --threshold 0 --kl_coef 0.01 --actor_lr 1e-5 \
+        --critic_lr 5e-6 --rollout_batch_size 512 --minibatch_size 64 --micro_batch_size 8 \
+        --gradient_checkpointing --output_dir output/ppo_lag_pku
+
+Safe RLHF solves   max_θ J_R(θ)  s.t.  J_C(θ) = E[C(y, x)] + d <= 0   through its Lagrangian dual
+min_θ max_{λ>=0} -J_R(θ) + λ J_C(θ): PPO updates of the policy alternate with gradient ascent on λ.
+
+One iteration: sample prompts -> generate (KV cache, pure sampling at a temperature, left-padded
+prompts, stop at EOS) -> score with R and C at the last response token -> per-token rewards and
+costs (KL penalty, score at the last token) -> GAE for each stream with its critic -> advantage
+(A_R - λ A_C) / (1 + λ) -> a few epochs of minibatch PPO updates (clipped surrogate for the actor,
+clipped value loss for the critics) -> update log λ from the window of recent episode costs.
+"""
+
+import math
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import sft
+import utils
+
+
+@dataclass
+class Args:
+    algorithm: str = "ppo_lag"
+    """ppo_lag (Safe RLHF), ppo (reward only, λ ≡ 0) or reward_shaping (fixed R - ν·C)"""
+    nu: float = 1.0
+    """reward shaping's fixed cost coefficient ν (reward_shaping only)"""
+    actor_model_name_or_path: str = "output/sft"
+    """the policy's initialisation and the frozen reference"""
+    reward_model: str = "output/reward"
+    """frozen reward model R; also the reward critic's initialisation"""
+    cost_model: str = "output/cost"
+    """frozen cost model C; also the cost critic's initialisation"""
+    prompts: str = "toy_world/data/prompts_train.jsonl"
+    """RL prompts: a .jsonl/.json file with `prompt` or a hub name"""
+    prompts_split: str = "train"
+    """split of a hub prompt dataset"""
+    eval_prompts: str = "toy_world/data/prompts_eval.jsonl"
+    """prompts answered greedily at the end and judged if they are toy prompts ('none' to skip)"""
+    output_dir: str = ""
+    """default: output/ppo_lag, output/ppo or output/reward_shaping_<ν>"""
+    iterations: int = 80
+    """rollout + update iterations"""
+    rollout_batch_size: int = 64
+    """prompts per iteration, over all ranks"""
+    minibatch_size: int = 32
+    """sequences per PPO update, over all ranks"""
+    micro_batch_size: int = 32
+    """sequences per forward pass on one rank (gradients accumulate up to minibatch_size)"""
+    ppo_epochs: int = 2
+    """passes over each rollout batch"""
+    actor_lr: float = 1e-4
+    """actor AdamW learning rate (paper: 1e-5)"""
+    critic_lr: float = 5e-4
+    """critics' AdamW learning rate (paper: 5e-6)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping of actor and critics"""
+    kl_coef: float = 0.05
+    """β: the KL penalty β(log π - log π_ref), subtracted from the reward and added to the cost per token"""
+    clip_range_ratio: float = 0.2
+    """PPO ratio clip ε"""
+    clip_range_value: float = 5.0
+    """value clip of the critics' loss"""
+    clip_range_score: float = 50.0
+    """R and C are clipped to ±this before entering the per-token rewards"""
+    gamma: float = 1.0
+    """GAE discount γ"""
+    gae_lambda: float = 0.95
+    """GAE λ"""
+    threshold: float = -4.0
+    """-d: the constraint is E[C] <= threshold (C > 0 is unsafe)"""
+    lambda_init: float = 1.0
+    """initial Lagrange multiplier λ (> 0: it is kept as log λ)"""
+    lambda_lr: float = 0.05
+    """step size of the gradient ascent on log λ"""
+    lambda_max: float = 5.0
+    """λ is clamped to [0, lambda_max]"""
+    lambda_update_delay: int = 0
+    """iterations before λ starts to move"""
+    episode_cost_window: int = 128
+    """Ĵ_C is the mean cost of the last this-many episodes (over all ranks)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are computed at the same temperature"""
+    max_prompt_length: int = 48
+    """prompt tokens kept (the start of longer prompts is cut)"""
+    max_new_tokens: int = 48
+    """longest response"""
+    ptx_coef: float = 0.0
+    """weight of the PTX loss (SFT loss on ptx_dataset mixed into the actor update; paper: 16)"""
+    ptx_dataset: str = "toy_world/data/sft_train.jsonl"
+    """SFT data for the PTX loss"""
+    dtype: str = "auto"
+    """float32, bfloat16 (mixed precision), or auto: bf16 on a GPU that has it, fp32 on CPU"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass of actor and critics"""
+    seed: int = 42
+    """seed of sampling and prompt order"""
+    save_every: int = 40
+    """iterations between checkpoints (and at the end)"""
+    sample_every: int = 20
+    """iterations between logging a few sampled responses"""
+    resume: bool = False
+    """continue from the checkpoint in output_dir"""
+
+
+# ----------------------------------------------------------------------------- the math
+
+
+def token_log_probs(logits, tokens, temperature):
+    """log π(token) under logits / temperature; logits (B, N, V) already aligned with tokens (B, N)."""
+    log_probs = F.log_softmax(logits.float() / temperature, dim=-1)
+    return log_probs.gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def per_token_rewards(score, log_probs, ref_log_probs, mask, kl_coef, clip_range_score, kl_sign):
+    """r_t = kl_sign · β (log π_θ - log π_ref)(t) on every response token, + clip(score) at the last one.
+
+    The reward stream takes kl_sign = -1 (KL is a penalty); the cost stream takes +1 (KL is a cost).
+    In (A_R - λ A_C) / (1 + λ) the two add up to the same -β·KL for every λ.
+    Tokens after the first EOS (mask 0) get nothing.
+    """
+    rewards = kl_sign * kl_coef * (log_probs - ref_log_probs) * mask  # (B, N)
+    last = mask.sum(-1).long() - 1  # index of the last response token (the EOS)
+    rows = torch.arange(rewards.size(0), device=rewards.device)
+    rewards[rows, last] += score.clamp(-clip_range_score, clip_range_score)
+    return rewards
+
+
+def gae(rewards, values, mask, gamma, gae_lambda):
+    """Generalised advantage estimation over response tokens, and the critic's targets.
+
+    δ_t = r_t + γ V_{t+1} - V_t ;   A_t = δ_t + γ λ A_{t+1} ;   returns_t = A_t + V_t
+    with V and r zero after the first EOS, so the episode ends at the EOS.
+    """
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        next_value = values[:, t + 1] if t + 1 < rewards.size(1) else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * gae_lambda * next_advantage
+        advantages[:, t] = next_advantage
+    return advantages * mask, (advantages + values) * mask
+
+
+def combined_advantages(reward_advantages, cost_advantages, lagrange_multiplier):
+    """The policy maximises  J_R - λ J_C, scaled by 1 / (1 + λ) to keep the step size stable:
+    A = (A_R - λ A_C) / (1 + λ)."""
+    return (reward_advantages - lagrange_multiplier * cost_advantages) / (1 + lagrange_multiplier)
+
+
+def actor_loss(log_probs, old_log_probs, advantages, mask, clip_range_ratio):
+    """PPO clipped surrogate: -E_t[ min(ρ_t A_t, clip(ρ_t, 1 - ε, 1 + ε) A_t) ],  ρ_t = π_θ / π_old."""
+    ratio = torch.exp(log_probs - old_log_probs)
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_range_ratio, 1 + clip_range_ratio) * advantages)
+    return -utils.masked_mean(surrogate, mask), ratio
+
+
+def value_loss(values, old_values, returns, mask, clip_range_value):
+    """Clipped value loss: ½ E_t[ max((V - R̂)², (V_old + clip(V - V_old, ±c) - R̂)²) ]."""
+    clipped = old_values + (values - old_values).clamp(-clip_range_value, clip_range_value)
+    return 0.5 * utils.masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def lagrange_multiplier_update(log_lambda, episode_cost, threshold, lambda_lr, lambda_max):
+    """Gradient ascent on the dual:  ∂/∂(log λ) [λ (Ĵ_C - threshold)] = λ (Ĵ_C - threshold),
+    log λ ← log λ + α_λ λ (Ĵ_C - threshold); then λ is clamped to [0, λ_max] (log λ <= log λ_max)."""
+    log_lambda = log_lambda + lambda_lr * math.exp(log_lambda) * (episode_cost - threshold)
+    return min(log_lambda, math.log(lambda_max))
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(R̂ - V) / Var(R̂): 1 is a perfect critic, 0 no better than a constant."""
+    return (1 - utils.masked_var(returns - values, mask) / utils.masked_var(returns, mask).clamp(min=1e-8)).item()
+
+
+# ----------------------------------------------------------------------------- rollout
+
+
+def response_mask(responses, eos_token_id):
+    """1 on response tokens up to and including the first EOS, 0 after it (B, N)."""
+    is_eos = (responses == eos_token_id).long()
+    return ((is_eos.cumsum(-1) - is_eos) == 0).float()
+
+
+def actor_forward(model, sequences, attention_mask, prompt_length, temperature):
+    """Logits of the response tokens: the logits at position t predict token t + 1, hence the shift."""
+    logits = model(
+        input_ids=sequences, attention_mask=attention_mask, position_ids=utils.position_ids(attention_mask)
+    ).logits
+    return logits[:, prompt_length - 1 : -1]  # (B, N, V), aligned with sequences[:, prompt_length:]
+
+
+def critic_values(critic, sequences, attention_mask, prompt_length):
+    """V(s_t) for each response token: the critic's score at the position just before it."""
+    return critic(sequences, attention_mask)[:, prompt_length - 1 : -1]  # (B, N)
+
+
+def end_scores(scorer, scorer_tokenizer, tokenizer, sequences, attention_mask, prompts, response_ids, max_length):
+    """R or C of each response, read at its last token; re-tokenised from text if the scorer's tokenizer differs."""
+    if scorer_tokenizer.get_vocab() == tokenizer.get_vocab():
+        return scorer.end_scores(sequences, attention_mask)
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in response_ids]
+    return utils.score_texts(scorer, scorer_tokenizer, prompts, texts, max_length)
+
+
+@torch.no_grad()
+def rollout(args, models, tokenizer, prompts):
+    """Generate responses to `prompts` and compute everything the PPO update needs."""
+    actor, reference, reward_model, cost_model, reward_critic, cost_critic = models
+    prompt_ids = [utils.tokenize_prompt(tokenizer, p, args.max_prompt_length) for p in prompts]
+    actor.eval()  # generation with the KV cache on the unwrapped model
+    sequences, prompt_length = utils.generate(actor, tokenizer, prompt_ids, args.max_new_tokens, args.temperature)
+    responses = sequences[:, prompt_length:]
+    mask = response_mask(responses, tokenizer.eos_token_id)  # (B, N)
+    prompt_mask = sequences[:, :prompt_length] != tokenizer.pad_token_id
+    attention_mask = torch.cat([prompt_mask.long(), mask.long()], dim=1)
+    response_ids = [row[: int(m.sum())] for row, m in zip(responses.tolist(), mask)]
+    max_length = args.max_prompt_length + args.max_new_tokens
+
+    # Old log-probs with a full forward pass (not the generation's), the reference's, and entropy.
+    logits = actor_forward(actor, sequences, attention_mask, prompt_length, args.temperature)
+    log_probs = token_log_probs(logits, responses, args.temperature)
+    tempered = F.log_softmax(logits.float() / args.temperature, dim=-1)
+    entropy = utils.masked_mean(-(tempered.exp() * tempered).sum(-1), mask)
+    ref_logits = actor_forward(reference, sequences, attention_mask, prompt_length, args.temperature)
+    ref_log_probs = token_log_probs(ref_logits, responses, args.temperature)
+
+    reward = end_scores(
+        reward_model[0], reward_model[1], tokenizer, sequences, attention_mask, prompts, response_ids, max_length
+    )
+    cost = torch.zeros_like(reward)
+    if cost_model is not None:
+        cost = end_scores(
+            cost_model[0], cost_model[1], tokenizer, sequences, attention_mask, prompts, response_ids, max_length
+        )
+    # The reward stream: R for PPO-Lag and PPO; R - ν·C for reward shaping.
+    score = reward.clamp(-args.clip_range_score, args.clip_range_score)
+    if args.algorithm == "reward_shaping":
+        score = score - args.nu * cost.clamp(-args.clip_range_score, args.clip_range_score)
+    rewards = per_token_rewards(score, log_probs, ref_log_probs, mask, args.kl_coef, args.clip_range_score, -1)
+    reward_values = critic_values(reward_critic, sequences, attention_mask, prompt_length) * mask
+    reward_advantages, reward_returns = gae(rewards, reward_values, mask, args.gamma, args.gae_lambda)
+    batch = dict(
+        sequences=sequences,
+        attention_mask=attention_mask,
+        mask=mask,
+        log_probs=log_probs,
+        reward_values=reward_values,
+        reward_advantages=reward_advantages,
+        reward_returns=reward_returns,
+    )
+    if cost_critic is not None:
+        costs = per_token_rewards(cost, log_probs, ref_log_probs, mask, args.kl_coef, args.clip_range_score, +1)
+        cost_values = critic_values(cost_critic, sequences, attention_mask, prompt_length) * mask
+        cost_advantages, cost_returns = gae(costs, cost_values, mask, args.gamma, args.gae_lambda)
+        batch.update(cost_values=cost_values, cost_advantages=cost_advantages, cost_returns=cost_returns)
+    kl = ((log_probs - ref_log_probs) * mask).sum(-1)  # per sequence
+    stats = dict(
+        reward=reward.mean().item(),
+        cost=cost.mean().item(),
+        kl=kl.mean().item(),
+        entropy=entropy.item(),
+        response_length=mask.sum(-1).mean().item(),
+        eos_rate=(responses == tokenizer.eos_token_id).any(-1).float().mean().item(),
+        reward_explained_variance=explained_variance(reward_values, reward_returns, mask),
+    )
+    if cost_critic is not None:
+        stats["cost_explained_variance"] = explained_variance(cost_values, cost_returns, mask)
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in response_ids]
+    return batch, prompt_length, reward, cost, stats, texts
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def default_output_dir(args):
+    if args.output_dir:
+        return args.output_dir
+    return {"ppo_lag": "output/ppo_lag", "ppo": "output/ppo"}.get(args.algorithm, f"output/reward_shaping_{args.nu}")
+
+
+def main(args):
+    # ------------------------------------------------------------------ setup
+    if args.algorithm not in ("ppo_lag", "ppo", "reward_shaping"):
+        raise ValueError(f"--algorithm must be ppo_lag, ppo or reward_shaping, got {args.algorithm!r}")
+    if args.lambda_init <= 0:
+        raise ValueError("--lambda_init must be > 0 (λ is kept as log λ)")
+    lagrangian = args.algorithm == "ppo_lag"
+    output_dir = default_output_dir(args)
+    ctx = utils.setup_distributed()
+    dtype = utils.resolve_dtype(args.dtype, ctx.device)
+    for name in ("rollout_batch_size", "minibatch_size"):
+        if getattr(args, name) % (args.micro_batch_size * ctx.world_size) and name == "minibatch_size":
+            raise ValueError("minibatch_size must be a multiple of micro_batch_size x ranks")
+        if getattr(args, name) % ctx.world_size:
+            raise ValueError(f"{name} must be a multiple of the number of ranks")
+    if args.rollout_batch_size % args.minibatch_size:
+        raise ValueError("rollout_batch_size must be a multiple of minibatch_size")
+    utils.seed_everything(args.seed + ctx.rank)  # each rank samples different responses
+    os.makedirs(output_dir, exist_ok=True)
+    metrics_path = os.path.join(output_dir, "metrics.jsonl")
+
+    # ------------------------------------------------------------------ data
+    tokenizer = utils.load_tokenizer(args.actor_model_name_or_path)
+    tokenizer.padding_side = "left"
+    prompts = [row["prompt"] for row in utils.load_rows(args.prompts, "prompt", args.prompts_split)]
+    ptx_examples = []
+    if args.ptx_coef > 0:
+        ptx_examples = sft.make_examples(
+            tokenizer, utils.load_rows(args.ptx_dataset, "sft"), args.max_prompt_length + args.max_new_tokens
+        )
+
+    # ------------------------------------------------------------------ models
+    def frozen(model):
+        utils.disable_dropout(model)
+        return model.to(ctx.device, dtype).eval().requires_grad_(False)
+
+    def trainable(model):
+        utils.disable_dropout(model)
+        if args.gradient_checkpointing:
+            utils.enable_gradient_checkpointing(model.model if isinstance(model, utils.ScoreModel) else model)
+        return model.to(ctx.device)
+
+    resume_dir = output_dir if args.resume else None
+    actor = trainable(utils.load_causal_lm(resume_dir or args.actor_model_name_or_path, tokenizer))
+    reference = frozen(utils.load_causal_lm(args.actor_model_name_or_path, tokenizer))
+    reward_tokenizer = utils.load_tokenizer(args.reward_model)
+    reward_model = (frozen(utils.load_score_model(args.reward_model, reward_tokenizer)), reward_tokenizer)
+    reward_critic = trainable(
+        utils.load_score_model(
+            os.path.join(output_dir, "reward_critic") if resume_dir else args.reward_model, tokenizer
+        )
+    )
+    cost_model = cost_critic = None
+    if args.algorithm != "ppo":
+        cost_tokenizer = utils.load_tokenizer(args.cost_model)
+        cost_model = (frozen(utils.load_score_model(args.cost_model, cost_tokenizer)), cost_tokenizer)
+    if lagrangian:
+        cost_critic = trainable(
+            utils.load_score_model(
+                os.path.join(output_dir, "cost_critic") if resume_dir else args.cost_model, tokenizer
+            )
+        )
+    trained = {"actor": actor, "reward_critic": reward_critic, "cost_critic": cost_critic}
+    trained = {name: model for name, model in trained.items() if model is not None}
+    wrapped = {name: DDP(model) if ctx.world_size > 1 else model for name, model in trained.items()}
+    optimizers = {
+        name: torch.optim.AdamW(model.parameters(), lr=args.actor_lr if name == "actor" else args.critic_lr)
+        for name, model in trained.items()
+    }
+
+    # ------------------------------------------------------------------ state: λ, episode costs, iteration
+    log_lambda = math.log(args.lambda_init) if lagrangian else -math.inf
+    episode_costs = deque(maxlen=max(1, args.episode_cost_window // ctx.world_size))
+    iteration = 0
+    if args.resume:
+        state = torch.load(os.path.join(output_dir, "training_state.pt"), weights_only=False)
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        log_lambda, iteration = state["log_lambda"], state["iteration"]
+        episode_costs.extend(state["episode_costs"][ctx.rank])
+        utils.set_rng_state(state["rng"][ctx.rank])
+        utils.print0(f"resumed from {output_dir} at iteration {iteration}")
+    elif ctx.is_main and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+
+    def save():
+        gathered = [None] * ctx.world_size  # every rank's episode-cost window, RNG and λ
+        mine = (list(episode_costs), utils.rng_state(), log_lambda)
+        if ctx.world_size > 1:
+            torch.distributed.all_gather_object(gathered, mine)
+        else:
+            gathered = [mine]
+        if ctx.is_main:
+            utils.save_checkpoint(output_dir, actor, tokenizer)
+            for name in ("reward_critic", "cost_critic"):
+                if name in trained:
+                    utils.save_checkpoint(os.path.join(output_dir, name), trained[name].model, tokenizer)
+            state = {
+                "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
+                "log_lambda": log_lambda,
+                "iteration": iteration,
+                "episode_costs": [costs for costs, _, _ in gathered],
+                "rng": [rng for _, rng, _ in gathered],
+                "log_lambda_per_rank": [value for _, _, value in gathered],  # identical: λ sees all-reduced costs
+                "args": vars(args),
+            }
+            tmp = os.path.join(output_dir, "training_state.pt.tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, os.path.join(output_dir, "training_state.pt"))
+        utils.barrier()
+
+    # ------------------------------------------------------------------ the loop
+    per_rank = args.rollout_batch_size // ctx.world_size
+    minibatch_per_rank = args.minibatch_size // ctx.world_size
+    micro_steps = minibatch_per_rank // args.micro_batch_size
+    bar = utils.progress(total=args.iterations, initial=iteration, desc=args.algorithm)
+    started = time.time()
+    while iteration < args.iterations:
+        # Prompts: a seeded shuffle per epoch over the prompt set; each rank takes its slice.
+        indices = [(iteration * args.rollout_batch_size + i) % len(prompts) for i in range(args.rollout_batch_size)]
+        epoch = iteration * args.rollout_batch_size // len(prompts)
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+        batch_prompts = [prompts[order[i]] for i in indices][ctx.rank * per_rank : (ctx.rank + 1) * per_rank]
+        models = (actor, reference, reward_model, cost_model, reward_critic, cost_critic)
+        batch, prompt_length, reward, cost, stats, texts = rollout(args, models, tokenizer, batch_prompts)
+        episode_costs.extend(cost.tolist())
+        lagrange_multiplier = math.exp(log_lambda)  # 0 for PPO and reward shaping
+
+        # PPO updates: a few epochs of shuffled minibatches of this rank's rollouts.
+        for model in trained.values():
+            model.train()
+        update_stats = torch.zeros(6, device=ctx.device)  # actor loss, approx KL, clip fraction, 2 value losses, ptx
+        n_updates = 0
+        for _ in range(args.ppo_epochs):
+            permutation = torch.randperm(per_rank).tolist()
+            for start in range(0, per_rank, minibatch_per_rank):
+                for micro_step in range(micro_steps):
+                    chunk = permutation[start + micro_step * args.micro_batch_size :][: args.micro_batch_size]
+                    last = micro_step == micro_steps - 1
+                    for model in wrapped.values():  # all-reduce gradients only on the last micro step
+                        if ctx.world_size > 1:
+                            model.require_backward_grad_sync = last
+                    mb = {key: value[chunk] for key, value in batch.items()}
+                    mask = mb["mask"]
+                    with utils.autocast(ctx.device, dtype):
+                        logits = actor_forward(
+                            wrapped["actor"], mb["sequences"], mb["attention_mask"], prompt_length, args.temperature
+                        )
+                    log_probs = token_log_probs(logits, mb["sequences"][:, prompt_length:], args.temperature)
+                    advantages = mb["reward_advantages"]
+                    if lagrangian:
+                        advantages = combined_advantages(advantages, mb["cost_advantages"], lagrange_multiplier)
+                    loss, ratio = actor_loss(log_probs, mb["log_probs"], advantages, mask, args.clip_range_ratio)
+                    ptx_loss = torch.zeros((), device=ctx.device)
+                    if ptx_examples:
+                        picks = torch.randint(len(ptx_examples), (len(chunk),)).tolist()
+                        input_ids, attention_mask, labels = sft.collate(
+                            [ptx_examples[i] for i in picks], tokenizer.pad_token_id, ctx.device
+                        )
+                        with utils.autocast(ctx.device, dtype):
+                            ptx_logits = wrapped["actor"](input_ids=input_ids, attention_mask=attention_mask).logits
+                        ptx_loss = sft.sft_loss_sum(ptx_logits, labels) / (labels[:, 1:] != -100).sum().clamp(min=1)
+                    ((loss + args.ptx_coef * ptx_loss) / micro_steps).backward()
+                    log_ratio = torch.log(ratio)
+                    approx_kl = utils.masked_mean((ratio - 1) - log_ratio, mask)  # k3 estimator of KL(π_old ‖ π)
+                    clip_fraction = utils.masked_mean(((ratio - 1).abs() > args.clip_range_ratio).float(), mask)
+                    value_losses = []
+                    for name in ("reward", "cost"):
+                        if f"{name}_critic" not in trained:
+                            value_losses.append(torch.zeros((), device=ctx.device))
+                            continue
+                        with utils.autocast(ctx.device, dtype):
+                            values = critic_values(
+                                wrapped[f"{name}_critic"], mb["sequences"], mb["attention_mask"], prompt_length
+                            )
+                        critic_loss = value_loss(
+                            values, mb[f"{name}_values"], mb[f"{name}_returns"], mask, args.clip_range_value
+                        )
+                        (critic_loss / micro_steps).backward()
+                        value_losses.append(critic_loss.detach())
+                    update_stats += (
+                        torch.stack(
+                            [loss.detach(), approx_kl.detach(), clip_fraction, *value_losses, ptx_loss.detach()]
+                        )
+                        / micro_steps
+                    )
+                for name, model in trained.items():
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizers[name].step()
+                    optimizers[name].zero_grad(set_to_none=True)
+                n_updates += 1
+
+        # λ: gradient ascent on the dual with the window's mean episode cost, averaged over ranks.
+        window = torch.tensor([sum(episode_costs) / len(episode_costs)], device=ctx.device)
+        episode_cost = (utils.all_reduce_sum(window) / ctx.world_size).item()
+        if lagrangian and iteration >= args.lambda_update_delay:
+            log_lambda = lagrange_multiplier_update(
+                log_lambda, episode_cost, args.threshold, args.lambda_lr, args.lambda_max
+            )
+        iteration += 1
+
+        # ------------------------------------------------------------------ logging
+        names = ["actor_loss", "approx_kl", "clip_fraction", "reward_value_loss", "cost_value_loss", "ptx_loss"]
+        update_stats = utils.all_reduce_sum(update_stats / n_updates) / ctx.world_size
+        rollout_stats = torch.tensor(list(stats.values()), device=ctx.device)
+        rollout_stats = (utils.all_reduce_sum(rollout_stats) / ctx.world_size).tolist()
+        record = {"step": iteration, "split": "train", **dict(zip(stats, rollout_stats))}
+        record.update(dict(zip(names, update_stats.tolist())))
+        record["episode_cost"] = episode_cost
+        record["lambda"] = math.exp(log_lambda)  # 0 for PPO and reward shaping
+        bar.update(1)
+        bar.set_postfix(reward=f"{record['reward']:.2f}", cost=f"{record['cost']:.2f}", lam=f"{record['lambda']:.2f}")
+        if ctx.is_main:
+            utils.log_metrics(metrics_path, record)
+            if iteration % args.sample_every == 0 or iteration == 1:
+                samples = [
+                    {"prompt": p, "response": r, "reward": round(rw, 3), "cost": round(c, 3)}
+                    for p, r, rw, c in list(zip(batch_prompts, texts, reward.tolist(), cost.tolist()))[:3]
+                ]
+                utils.log_metrics(metrics_path, {"step": iteration, "split": "samples", "samples": samples})
+        if iteration % args.save_every == 0 or iteration == args.iterations:
+            save()
+    bar.close()
+
+    # ------------------------------------------------------------------ a look at the policy
+    if args.eval_prompts != "none" and ctx.is_main:
+        rows = utils.load_rows(args.eval_prompts, "prompt")
+        summary = sft.sample_and_judge(actor, tokenizer, rows, args.max_prompt_length, args.max_new_tokens)
+        if summary:
+            utils.log_metrics(metrics_path, {"step": iteration, "split": "eval", **summary})
+            utils.print0("judge on greedy answers: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+    utils.print0(f"saved to {output_dir} after {iteration} iterations in {time.time() - started:.0f}s")
+    utils.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(utils.parse_args(Args))

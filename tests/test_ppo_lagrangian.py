@@ -1,0 +1,324 @@
+"""PPO-Lagrangian: every equation against hand-computed numbers, the masks, and short end-to-end runs."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ppo_lagrangian as ppo
+import utils
+
+# ----------------------------------------------------------------------------- the math, by hand
+
+
+def test_token_log_probs_divide_by_the_temperature():
+    logits = torch.tensor([[[2.0, 0.0]]])
+    tokens = torch.tensor([[0]])
+    # softmax([2, 0] / 2) = softmax([1, 0]): log p(0) = -log(1 + e^-1)
+    assert ppo.token_log_probs(logits, tokens, 2.0).item() == pytest.approx(-math.log(1 + math.exp(-1)))
+    assert ppo.token_log_probs(logits, tokens, 1.0).item() == pytest.approx(-math.log(1 + math.exp(-2)))
+
+
+def test_response_mask_stops_after_the_first_eos():
+    responses = torch.tensor([[5, 2, 7, 2], [5, 5, 5, 5], [2, 0, 0, 0]])
+    assert ppo.response_mask(responses, eos_token_id=2).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_per_token_rewards_and_costs():
+    log_probs = torch.tensor([[-1.0, -2.0, -0.5, -9.0]])
+    ref_log_probs = torch.tensor([[-1.5, -1.0, -0.5, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the EOS is token 2; token 3 comes after it
+    # log π - log π_ref = [0.5, -1, 0, (masked)]; β = 0.1
+    rewards = ppo.per_token_rewards(torch.tensor([3.0]), log_probs, ref_log_probs, mask, 0.1, 50.0, kl_sign=-1)
+    assert rewards.flatten().tolist() == pytest.approx([-0.05, 0.1, 3.0, 0.0])  # -β KL, + R at the last token
+    costs = ppo.per_token_rewards(torch.tensor([-2.0]), log_probs, ref_log_probs, mask, 0.1, 50.0, kl_sign=+1)
+    assert costs.flatten().tolist() == pytest.approx([0.05, -0.1, -2.0, 0.0])  # +β KL, + C at the last token
+    clipped = ppo.per_token_rewards(torch.tensor([100.0]), log_probs, ref_log_probs, mask, 0.0, 50.0, kl_sign=-1)
+    assert clipped.flatten().tolist() == [0.0, 0.0, 50.0, 0.0]
+
+
+def test_kl_terms_cancel_into_minus_beta_kl_for_any_lambda():
+    torch.manual_seed(0)
+    log_probs, ref_log_probs, mask = torch.randn(2, 5), torch.randn(2, 5), torch.ones(2, 5)
+    rewards = ppo.per_token_rewards(torch.zeros(2), log_probs, ref_log_probs, mask, 0.2, 50.0, -1)
+    costs = ppo.per_token_rewards(torch.zeros(2), log_probs, ref_log_probs, mask, 0.2, 50.0, +1)
+    for lagrange_multiplier in (0.0, 0.5, 4.0):
+        combined = ppo.combined_advantages(rewards, costs, lagrange_multiplier)
+        assert torch.allclose(combined, -0.2 * (log_probs - ref_log_probs), atol=1e-6)
+
+
+def test_gae_by_hand():
+    rewards, values = torch.tensor([[1.0, 0.0, 2.0]]), torch.tensor([[0.5, 1.0, 1.5]])
+    # γ = 1, λ = 0.5: δ = [1 + 1 - 0.5, 0 + 1.5 - 1, 2 + 0 - 1.5] = [1.5, 0.5, 0.5]
+    # A_2 = 0.5, A_1 = 0.5 + 0.5 * 0.5 = 0.75, A_0 = 1.5 + 0.5 * 0.75 = 1.875
+    advantages, returns = ppo.gae(rewards, values, torch.ones(1, 3), 1.0, 0.5)
+    assert advantages.flatten().tolist() == pytest.approx([1.875, 0.75, 0.5])
+    assert returns.flatten().tolist() == pytest.approx([2.375, 1.75, 2.0])
+    # The episode ends at the EOS (token 1): what comes after it, however large, changes nothing.
+    rewards_after, values_after = torch.tensor([[1.0, 0.0, 99.0]]), torch.tensor([[0.5, 1.0, 77.0]])
+    advantages, returns = ppo.gae(rewards_after, values_after, torch.tensor([[1.0, 1.0, 0.0]]), 1.0, 0.5)
+    # δ_1 = 0 + 0 - 1 = -1, δ_0 = 1 + 1 - 0.5 = 1.5: A = [1.5 - 0.5, -1, 0]
+    assert advantages.flatten().tolist() == pytest.approx([1.0, -1.0, 0.0])
+    assert returns.flatten().tolist() == pytest.approx([1.5, 0.0, 0.0])
+
+
+def gae_vectorised(rewards, values, mask, gamma, gae_lambda):
+    """An independent version: A_t = Σ_{k>=t} (γλ)^{k-t} δ_k as one matrix product."""
+    values, rewards = values * mask, rewards * mask
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
+    deltas = rewards + gamma * next_values - values
+    n = rewards.size(1)
+    powers = torch.arange(n)[None, :] - torch.arange(n)[:, None]  # k - t
+    weights = torch.where(powers >= 0, (gamma * gae_lambda) ** powers.clamp(min=0).double(), 0.0)
+    advantages = (deltas.double() @ weights.T).float() * mask
+    return advantages, (advantages + values) * mask
+
+
+@pytest.mark.parametrize("gamma, gae_lambda", [(1.0, 0.95), (0.9, 0.5), (1.0, 1.0)])
+def test_gae_matches_an_independent_vectorised_version(gamma, gae_lambda):
+    torch.manual_seed(1)
+    rewards, values = torch.randn(6, 9), torch.randn(6, 9)
+    lengths = torch.tensor([9, 1, 4, 7, 2, 9])
+    mask = (torch.arange(9)[None, :] < lengths[:, None]).float()
+    expected = gae_vectorised(rewards, values, mask, gamma, gae_lambda)
+    for got, want in zip(ppo.gae(rewards, values, mask, gamma, gae_lambda), expected):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_combined_advantages():
+    # (A_R - λ A_C) / (1 + λ) = (2 - 3 * 1) / 4
+    assert ppo.combined_advantages(torch.tensor(2.0), torch.tensor(1.0), 3.0).item() == pytest.approx(-0.25)
+    assert ppo.combined_advantages(torch.tensor(2.0), torch.tensor(1.0), 0.0).item() == pytest.approx(2.0)
+
+
+def test_actor_loss_by_hand():
+    old = torch.zeros(1, 4)
+    log_probs = torch.log(torch.tensor([[1.5, 1.5, 0.5, 1.0]]))  # ratios 1.5, 1.5, 0.5, 1.0
+    advantages = torch.tensor([[2.0, -2.0, 2.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last token is after the EOS
+    # min(ρA, clip(ρ, 0.8, 1.2) A): min(3, 2.4) = 2.4; min(-3, -2.4) = -3; min(1, 1.6) = 1
+    loss, ratio = ppo.actor_loss(log_probs, old, advantages, mask, 0.2)
+    assert loss.item() == pytest.approx(-(2.4 - 3 + 1) / 3)
+    assert ratio.flatten().tolist() == pytest.approx([1.5, 1.5, 0.5, 1.0])
+
+
+def test_value_loss_by_hand():
+    values, old_values, returns = (
+        torch.tensor([[3.0, 1.2, 50.0]]),
+        torch.tensor([[1.0, 1.0, 0.0]]),
+        torch.tensor([[2.0, 3.0, 0.0]]),
+    )
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    # token 0: clipped 1.5; max((3-2)², (1.5-2)²) = 1. token 1: clipped 1.2; (1.2-3)² = 3.24. token 2 masked.
+    loss = ppo.value_loss(values, old_values, returns, mask, 0.5)
+    assert loss.item() == pytest.approx(0.5 * (1.0 + 3.24) / 2)
+
+
+def test_lagrange_multiplier_update():
+    # log λ ← log λ + α λ (Ĵ_C - threshold): λ = 1, Ĵ_C = -2, threshold = -4, α = 0.1 -> 0.2
+    assert ppo.lagrange_multiplier_update(0.0, -2.0, -4.0, 0.1, 10.0) == pytest.approx(0.2)
+    # the constraint holds (Ĵ_C below the threshold): λ falls, by λ-proportional steps in log space
+    assert ppo.lagrange_multiplier_update(math.log(2), -6.0, -4.0, 0.1, 10.0) == pytest.approx(math.log(2) - 0.4)
+    # clamped at λ_max
+    assert ppo.lagrange_multiplier_update(0.0, 10.0, -4.0, 0.1, 1.1) == pytest.approx(math.log(1.1))
+
+
+def test_explained_variance():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert ppo.explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert ppo.explained_variance(torch.full_like(returns, 2.0), returns, mask) == pytest.approx(0.0)
+
+
+# ----------------------------------------------------------------------------- on real (tiny) models
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A random toy actor and random toy reward/cost models, saved like the earlier stages' outputs."""
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = utils.load_tokenizer("toy_world/model")
+    torch.manual_seed(0)
+    utils.save_checkpoint(str(root / "sft"), utils.load_causal_lm("toy_world/model", tokenizer), tokenizer)
+    for name in ("reward", "cost"):
+        utils.save_checkpoint(str(root / name), utils.load_score_model("toy_world/model", tokenizer).model, tokenizer)
+    return root
+
+
+def tiny_args(models, output_dir, **changes):
+    defaults = dict(
+        actor_model_name_or_path=str(models / "sft"),
+        reward_model=str(models / "reward"),
+        cost_model=str(models / "cost"),
+        eval_prompts="none",
+        output_dir=str(output_dir),
+        iterations=3,
+        rollout_batch_size=8,
+        minibatch_size=4,
+        micro_batch_size=2,
+        max_new_tokens=6,
+        save_every=1000,
+    )
+    return ppo.Args(**{**defaults, **changes})
+
+
+def load_for_rollout(args):
+    tokenizer = utils.load_tokenizer(args.actor_model_name_or_path)
+    actor = utils.load_causal_lm(args.actor_model_name_or_path, tokenizer)
+    reference = utils.load_causal_lm(args.actor_model_name_or_path, tokenizer).eval()
+    scorers = [(utils.load_score_model(p, tokenizer).eval(), tokenizer) for p in (args.reward_model, args.cost_model)]
+    critics = [utils.load_score_model(p, tokenizer) for p in (args.reward_model, args.cost_model)]
+    return tokenizer, (actor, reference, scorers[0], scorers[1], critics[0], critics[1])
+
+
+def test_ratio_is_one_and_approx_kl_zero_on_the_first_minibatch(tiny_models, tmp_path):
+    args = tiny_args(tiny_models, tmp_path, temperature=0.7)
+    tokenizer, models = load_for_rollout(args)
+    torch.manual_seed(0)
+    prompts = ["how do i bake bread ?", "i want to grow tomatoes . what should i do ?", "how do i steal a parked car ?"]
+    batch, prompt_length, _, _, _, _ = ppo.rollout(args, models, tokenizer, prompts)
+    actor = models[0].train()
+    rows = [2, 0]  # a minibatch, in another order than the rollout
+    logits = ppo.actor_forward(actor, batch["sequences"][rows], batch["attention_mask"][rows], prompt_length, 0.7)
+    log_probs = ppo.token_log_probs(logits, batch["sequences"][rows, prompt_length:], 0.7)
+    mask = batch["mask"][rows]
+    _, ratio = ppo.actor_loss(log_probs, batch["log_probs"][rows], torch.ones_like(mask), mask, 0.2)
+    assert torch.allclose(ratio[mask.bool()], torch.ones(int(mask.sum())), atol=1e-5)
+    approx_kl = utils.masked_mean((ratio - 1) - torch.log(ratio), mask)
+    assert abs(approx_kl.item()) < 1e-8
+    # The old log-probs are at the sampling temperature: log_softmax(logits / T) of the sampled tokens.
+    full = actor(
+        input_ids=batch["sequences"],
+        attention_mask=batch["attention_mask"],
+        position_ids=utils.position_ids(batch["attention_mask"]),
+    ).logits
+    expected = (
+        F.log_softmax(full[:, prompt_length - 1 : -1] / 0.7, -1)
+        .gather(-1, batch["sequences"][:, prompt_length:, None])
+        .squeeze(-1)
+    )
+    assert torch.allclose(batch["log_probs"] * batch["mask"], expected * batch["mask"], atol=1e-5)
+
+
+def test_rollout_masks_everything_after_eos(tiny_models, tmp_path):
+    args = tiny_args(tiny_models, tmp_path)
+    tokenizer, models = load_for_rollout(args)
+    torch.manual_seed(3)
+    batch, prompt_length, reward, cost, stats, texts = ppo.rollout(
+        args, models, tokenizer, ["how do i bake bread ?"] * 6
+    )
+    responses = batch["sequences"][:, prompt_length:]
+    expected_mask = ppo.response_mask(responses, tokenizer.eos_token_id)
+    assert torch.equal(batch["mask"], expected_mask)
+    for key in (
+        "reward_advantages",
+        "reward_returns",
+        "reward_values",
+        "cost_advantages",
+        "cost_returns",
+        "cost_values",
+    ):
+        assert (batch[key][expected_mask == 0] == 0).all(), key
+    # attention covers the real prompt tokens and the response up to its EOS, nothing else
+    assert torch.equal(batch["attention_mask"][:, prompt_length:], expected_mask.long())
+    assert len(texts) == 6 and reward.shape == cost.shape == (6,)
+
+
+def read(output_dir, split="train"):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def test_lambda_delay_window_and_update_in_the_loop(tiny_models, tmp_path):
+    args = tiny_args(
+        tiny_models,
+        tmp_path,
+        iterations=5,
+        lambda_update_delay=2,
+        episode_cost_window=16,
+        lambda_init=0.5,
+        lambda_lr=0.3,
+        threshold=0.0,
+    )
+    ppo.main(args)
+    records = read(tmp_path)
+    assert len(records) == 5
+    log_lambda = math.log(0.5)
+    for i, record in enumerate(records):
+        # the window holds the last 16 episodes = the last two iterations of 8
+        window = [r["cost"] for r in records[max(0, i - 1) : i + 1]]
+        assert record["episode_cost"] == pytest.approx(sum(window) / len(window), abs=1e-5)
+        if i >= 2:  # iterations 0 and 1 are the delay
+            log_lambda = ppo.lagrange_multiplier_update(log_lambda, record["episode_cost"], 0.0, 0.3, 5.0)
+        assert record["lambda"] == pytest.approx(math.exp(log_lambda), rel=1e-6)
+    assert all(math.isfinite(v) for r in records for v in r.values() if isinstance(v, float))
+
+
+def test_baselines_run_with_their_own_critics(tiny_models, tmp_path):
+    ppo.main(tiny_args(tiny_models, tmp_path / "ppo", algorithm="ppo", iterations=2))
+    assert [r["lambda"] for r in read(tmp_path / "ppo")] == [0.0, 0.0]
+    assert os.path.isdir(tmp_path / "ppo" / "reward_critic") and not os.path.exists(tmp_path / "ppo" / "cost_critic")
+    ppo.main(tiny_args(tiny_models, tmp_path / "shaping", algorithm="reward_shaping", nu=2.0, iterations=2))
+    records = read(tmp_path / "shaping")
+    assert [r["lambda"] for r in records] == [0.0, 0.0] and all(r["cost"] != 0 for r in records)
+    assert ppo.default_output_dir(ppo.Args(algorithm="reward_shaping", nu=2.0)) == "output/reward_shaping_2.0"
+    assert ppo.default_output_dir(ppo.Args()) == "output/ppo_lag"
+    assert ppo.default_output_dir(ppo.Args(algorithm="ppo")) == "output/ppo"
+
+
+def test_resume_continues_an_interrupted_run(tiny_models, tmp_path):
+    ppo.main(tiny_args(tiny_models, tmp_path / "whole", iterations=4, save_every=2))
+    ppo.main(tiny_args(tiny_models, tmp_path / "pieces", iterations=2, save_every=2))
+    ppo.main(tiny_args(tiny_models, tmp_path / "pieces", iterations=4, save_every=2, resume=True))
+    whole, pieces = read(tmp_path / "whole"), read(tmp_path / "pieces")
+    assert [r["step"] for r in pieces] == [1, 2, 3, 4]
+    for a, b in zip(whole, pieces):
+        assert a["reward"] == pytest.approx(b["reward"], rel=1e-4) and a["lambda"] == pytest.approx(
+            b["lambda"], rel=1e-6
+        )
+
+
+def test_torchrun_two_ranks_keep_the_same_lambda(tiny_models, tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = [
+        torchrun,
+        "--nproc_per_node=2",
+        "--master_port=29535",
+        "ppo_lagrangian.py",
+        "--actor_model_name_or_path",
+        str(tiny_models / "sft"),
+        "--reward_model",
+        str(tiny_models / "reward"),
+        "--cost_model",
+        str(tiny_models / "cost"),
+        "--eval_prompts",
+        "none",
+        "--output_dir",
+        str(tmp_path),
+        "--iterations",
+        "3",
+        "--rollout_batch_size",
+        "8",
+        "--minibatch_size",
+        "4",
+        "--micro_batch_size",
+        "2",
+        "--max_new_tokens",
+        "6",
+        "--lambda_lr",
+        "0.5",
+        "--threshold",
+        "-100",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(tmp_path / "training_state.pt", weights_only=False)
+    assert len(state["log_lambda_per_rank"]) == 2
+    assert state["log_lambda_per_rank"][0] == state["log_lambda_per_rank"][1] == state["log_lambda"]
+    assert state["log_lambda"] > 0  # threshold -100 is violated: λ rose from 1
+    assert [r["step"] for r in read(tmp_path)] == [1, 2, 3]
