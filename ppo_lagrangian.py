@@ -46,6 +46,10 @@ class Args:
     """frozen reward model R; also the reward critic's initialisation"""
     cost_model: str = "output/cost"
     """frozen cost model C; also the cost critic's initialisation"""
+    reward_critic_model: str = ""
+    """reward critic's initialisation (default: the reward model); must share the actor's tokenizer"""
+    cost_critic_model: str = ""
+    """cost critic's initialisation (default: the cost model); must share the actor's tokenizer"""
     prompts: str = "toy_world/data/prompts_train.jsonl"
     """RL prompts: a .jsonl/.json file with `prompt` or a hub name"""
     prompts_split: str = "train"
@@ -54,7 +58,7 @@ class Args:
     """prompts answered greedily at the end and judged if they are toy prompts ('none' to skip)"""
     output_dir: str = ""
     """default: output/ppo_lag, output/ppo or output/reward_shaping_<ν>"""
-    iterations: int = 80
+    iterations: int = 100
     """rollout + update iterations"""
     rollout_batch_size: int = 64
     """prompts per iteration, over all ranks"""
@@ -62,15 +66,17 @@ class Args:
     """sequences per PPO update, over all ranks"""
     micro_batch_size: int = 32
     """sequences per forward pass on one rank (gradients accumulate up to minibatch_size)"""
-    ppo_epochs: int = 2
+    ppo_epochs: int = 1
     """passes over each rollout batch"""
-    actor_lr: float = 1e-4
+    actor_lr: float = 5e-5
     """actor AdamW learning rate (paper: 1e-5)"""
     critic_lr: float = 5e-4
     """critics' AdamW learning rate (paper: 5e-6)"""
+    weight_decay: float = 0.01
+    """AdamW weight decay of actor and critics"""
     max_grad_norm: float = 1.0
     """gradient clipping of actor and critics"""
-    kl_coef: float = 0.05
+    kl_coef: float = 0.1
     """β: the KL penalty β(log π - log π_ref), subtracted from the reward and added to the cost per token"""
     clip_range_ratio: float = 0.2
     """PPO ratio clip ε"""
@@ -82,13 +88,13 @@ class Args:
     """GAE discount γ"""
     gae_lambda: float = 0.95
     """GAE λ"""
-    threshold: float = -4.0
+    threshold: float = -5.5
     """-d: the constraint is E[C] <= threshold (C > 0 is unsafe)"""
-    lambda_init: float = 1.0
+    lambda_init: float = 0.25
     """initial Lagrange multiplier λ (> 0: it is kept as log λ)"""
     lambda_lr: float = 0.05
     """step size of the gradient ascent on log λ"""
-    lambda_max: float = 5.0
+    lambda_max: float = 1.0
     """λ is clamped to [0, lambda_max]"""
     lambda_update_delay: int = 0
     """iterations before λ starts to move"""
@@ -110,7 +116,7 @@ class Args:
     """recompute activations in the backward pass of actor and critics"""
     seed: int = 42
     """seed of sampling and prompt order"""
-    save_every: int = 40
+    save_every: int = 50
     """iterations between checkpoints (and at the end)"""
     sample_every: int = 20
     """iterations between logging a few sampled responses"""
@@ -164,17 +170,21 @@ def combined_advantages(reward_advantages, cost_advantages, lagrange_multiplier)
     return (reward_advantages - lagrange_multiplier * cost_advantages) / (1 + lagrange_multiplier)
 
 
-def actor_loss(log_probs, old_log_probs, advantages, mask, clip_range_ratio):
-    """PPO clipped surrogate: -E_t[ min(ρ_t A_t, clip(ρ_t, 1 - ε, 1 + ε) A_t) ],  ρ_t = π_θ / π_old."""
+def actor_loss(log_probs, old_log_probs, advantages, mask, clip_range_ratio, n_tokens=None):
+    """PPO clipped surrogate: -E_t[ min(ρ_t A_t, clip(ρ_t, 1 - ε, 1 + ε) A_t) ],  ρ_t = π_θ / π_old.
+
+    E_t is the mean over response tokens: over `mask`, or over `n_tokens` (a whole minibatch's).
+    """
     ratio = torch.exp(log_probs - old_log_probs)
     surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_range_ratio, 1 + clip_range_ratio) * advantages)
-    return -utils.masked_mean(surrogate, mask), ratio
+    return -(surrogate * mask).sum() / (mask.sum() if n_tokens is None else n_tokens), ratio
 
 
-def value_loss(values, old_values, returns, mask, clip_range_value):
+def value_loss(values, old_values, returns, mask, clip_range_value, n_tokens=None):
     """Clipped value loss: ½ E_t[ max((V - R̂)², (V_old + clip(V - V_old, ±c) - R̂)²) ]."""
     clipped = old_values + (values - old_values).clamp(-clip_range_value, clip_range_value)
-    return 0.5 * utils.masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    squared_error = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    return 0.5 * (squared_error * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
 
 
 def lagrange_multiplier_update(log_lambda, episode_cost, threshold, lambda_lr, lambda_max):
@@ -198,7 +208,7 @@ def response_mask(responses, eos_token_id):
     return ((is_eos.cumsum(-1) - is_eos) == 0).float()
 
 
-def actor_forward(model, sequences, attention_mask, prompt_length, temperature):
+def actor_forward(model, sequences, attention_mask, prompt_length):
     """Logits of the response tokens: the logits at position t predict token t + 1, hence the shift."""
     logits = model(
         input_ids=sequences, attention_mask=attention_mask, position_ids=utils.position_ids(attention_mask)
@@ -211,17 +221,21 @@ def critic_values(critic, sequences, attention_mask, prompt_length):
     return critic(sequences, attention_mask)[:, prompt_length - 1 : -1]  # (B, N)
 
 
-def end_scores(scorer, scorer_tokenizer, tokenizer, sequences, attention_mask, prompts, response_ids, max_length):
+def end_scores(scorer, scorer_tokenizer, tokenizer, sequences, attention_mask, prompts, response_ids, max_lengths):
     """R or C of each response, read at its last token; re-tokenised from text if the scorer's tokenizer differs."""
     if scorer_tokenizer.get_vocab() == tokenizer.get_vocab():
         return scorer.end_scores(sequences, attention_mask)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in response_ids]
-    return utils.score_texts(scorer, scorer_tokenizer, prompts, texts, max_length)
+    ended = [len(ids) > 0 and ids[-1] == tokenizer.eos_token_id for ids in response_ids]
+    return utils.score_texts(scorer, scorer_tokenizer, prompts, texts, *max_lengths, ended)
 
 
 @torch.no_grad()
-def rollout(args, models, tokenizer, prompts):
-    """Generate responses to `prompts` and compute everything the PPO update needs."""
+def rollout(args, models, tokenizer, prompts, dtype=torch.float32):
+    """Generate responses to `prompts` and compute everything the PPO update needs.
+
+    Forward passes run under the same autocast as the update, so old and new log-probs agree.
+    """
     actor, reference, reward_model, cost_model, reward_critic, cost_critic = models
     prompt_ids = [utils.tokenize_prompt(tokenizer, p, args.max_prompt_length) for p in prompts]
     actor.eval()  # generation with the KV cache on the unwrapped model
@@ -231,30 +245,31 @@ def rollout(args, models, tokenizer, prompts):
     prompt_mask = sequences[:, :prompt_length] != tokenizer.pad_token_id
     attention_mask = torch.cat([prompt_mask.long(), mask.long()], dim=1)
     response_ids = [row[: int(m.sum())] for row, m in zip(responses.tolist(), mask)]
-    max_length = args.max_prompt_length + args.max_new_tokens
+    max_lengths = (args.max_prompt_length, args.max_new_tokens)
 
-    # Old log-probs with a full forward pass (not the generation's), the reference's, and entropy.
-    logits = actor_forward(actor, sequences, attention_mask, prompt_length, args.temperature)
+    # Old log-probs with a full forward pass (not the generation's), the reference's, the scores, the values.
+    with utils.autocast(sequences.device, dtype):
+        logits = actor_forward(actor, sequences, attention_mask, prompt_length)
+        ref_logits = actor_forward(reference, sequences, attention_mask, prompt_length)
+        reward = end_scores(*reward_model, tokenizer, sequences, attention_mask, prompts, response_ids, max_lengths)
+        cost = torch.zeros_like(reward)
+        if cost_model is not None:
+            cost = end_scores(*cost_model, tokenizer, sequences, attention_mask, prompts, response_ids, max_lengths)
+        reward_values = critic_values(reward_critic, sequences, attention_mask, prompt_length) * mask
+        if cost_critic is not None:
+            cost_values = critic_values(cost_critic, sequences, attention_mask, prompt_length) * mask
     log_probs = token_log_probs(logits, responses, args.temperature)
+    ref_log_probs = token_log_probs(ref_logits, responses, args.temperature)
     tempered = F.log_softmax(logits.float() / args.temperature, dim=-1)
     entropy = utils.masked_mean(-(tempered.exp() * tempered).sum(-1), mask)
-    ref_logits = actor_forward(reference, sequences, attention_mask, prompt_length, args.temperature)
-    ref_log_probs = token_log_probs(ref_logits, responses, args.temperature)
 
-    reward = end_scores(
-        reward_model[0], reward_model[1], tokenizer, sequences, attention_mask, prompts, response_ids, max_length
-    )
-    cost = torch.zeros_like(reward)
-    if cost_model is not None:
-        cost = end_scores(
-            cost_model[0], cost_model[1], tokenizer, sequences, attention_mask, prompts, response_ids, max_length
-        )
     # The reward stream: R for PPO-Lag and PPO; R - ν·C for reward shaping.
-    score = reward.clamp(-args.clip_range_score, args.clip_range_score)
+    score = reward
     if args.algorithm == "reward_shaping":
-        score = score - args.nu * cost.clamp(-args.clip_range_score, args.clip_range_score)
+        score = reward.clamp(-args.clip_range_score, args.clip_range_score) - args.nu * cost.clamp(
+            -args.clip_range_score, args.clip_range_score
+        )
     rewards = per_token_rewards(score, log_probs, ref_log_probs, mask, args.kl_coef, args.clip_range_score, -1)
-    reward_values = critic_values(reward_critic, sequences, attention_mask, prompt_length) * mask
     reward_advantages, reward_returns = gae(rewards, reward_values, mask, args.gamma, args.gae_lambda)
     batch = dict(
         sequences=sequences,
@@ -267,7 +282,6 @@ def rollout(args, models, tokenizer, prompts):
     )
     if cost_critic is not None:
         costs = per_token_rewards(cost, log_probs, ref_log_probs, mask, args.kl_coef, args.clip_range_score, +1)
-        cost_values = critic_values(cost_critic, sequences, attention_mask, prompt_length) * mask
         cost_advantages, cost_returns = gae(costs, cost_values, mask, args.gamma, args.gae_lambda)
         batch.update(cost_values=cost_values, cost_advantages=cost_advantages, cost_returns=cost_returns)
     kl = ((log_probs - ref_log_probs) * mask).sum(-1)  # per sequence
@@ -289,10 +303,63 @@ def rollout(args, models, tokenizer, prompts):
 # ----------------------------------------------------------------------------- training
 
 
+def prompt_order(n_prompts, seed, position):
+    """The prompt at `position` of the stream of epochs, each a seeded shuffle of all prompts."""
+    epoch, index = divmod(position, n_prompts)
+    return torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + epoch))[index].item()
+
+
 def default_output_dir(args):
     if args.output_dir:
         return args.output_dir
     return {"ppo_lag": "output/ppo_lag", "ppo": "output/ppo"}.get(args.algorithm, f"output/reward_shaping_{args.nu}")
+
+
+def ppo_update(args, wrapped, batch, chunks, prompt_length, lagrange_multiplier, ptx_batches, n_tokens, dtype):
+    """Backward passes of one minibatch (in micro-batch chunks): the actor's clipped surrogate (+ PTX)
+    and each critic's clipped value loss. Losses are means over the minibatch's tokens on all ranks
+    (n_tokens), so the gradient does not depend on how the minibatch is split. Returns statistics."""
+    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    stats = torch.zeros(6, device=batch["mask"].device)
+    for micro_step, chunk in enumerate(chunks):
+        for model in wrapped.values():  # all-reduce gradients only on the last micro step
+            model.require_backward_grad_sync = micro_step == len(chunks) - 1
+        mb = {key: value[chunk] for key, value in batch.items()}
+        mask = mb["mask"]
+        with utils.autocast(mask.device, dtype):
+            logits = actor_forward(wrapped["actor"], mb["sequences"], mb["attention_mask"], prompt_length)
+        log_probs = token_log_probs(logits, mb["sequences"][:, prompt_length:], args.temperature)
+        advantages = mb["reward_advantages"]
+        if "cost_advantages" in mb:
+            advantages = combined_advantages(advantages, mb["cost_advantages"], lagrange_multiplier)
+        loss, ratio = actor_loss(log_probs, mb["log_probs"], advantages, mask, args.clip_range_ratio, n_tokens)
+        ptx_loss = torch.zeros((), device=mask.device)
+        if ptx_batches:
+            input_ids, attention_mask, labels = ptx_batches[micro_step]
+            with utils.autocast(mask.device, dtype):
+                ptx_logits = wrapped["actor"](input_ids=input_ids, attention_mask=attention_mask).logits
+            ptx_loss = sft.sft_loss_sum(ptx_logits, labels) / (labels[:, 1:] != -100).sum().clamp(min=1) / len(chunks)
+        # DDP averages gradients over ranks: scale back up so they are those of the global mean.
+        ((loss + args.ptx_coef * ptx_loss) * world_size).backward()
+        log_ratio = torch.log(ratio)
+        approx_kl = ((ratio - 1) - log_ratio) * mask  # k3 estimator of KL(π_old ‖ π), per token
+        clipped = ((ratio - 1).abs() > args.clip_range_ratio).float() * mask
+        value_losses = [torch.zeros((), device=mask.device), torch.zeros((), device=mask.device)]
+        for i, name in enumerate(("reward", "cost")):
+            if f"{name}_critic" in wrapped:
+                with utils.autocast(mask.device, dtype):
+                    values = critic_values(
+                        wrapped[f"{name}_critic"], mb["sequences"], mb["attention_mask"], prompt_length
+                    )
+                critic_loss = value_loss(
+                    values, mb[f"{name}_values"], mb[f"{name}_returns"], mask, args.clip_range_value, n_tokens
+                )
+                (critic_loss * world_size).backward()
+                value_losses[i] = critic_loss.detach()
+        stats += torch.stack(
+            [loss.detach(), approx_kl.sum() / n_tokens, clipped.sum() / n_tokens, *value_losses, ptx_loss.detach()]
+        )
+    return stats * world_size  # this rank's share of the minibatch means; all-reduced by the caller
 
 
 def main(args):
@@ -305,26 +372,21 @@ def main(args):
     output_dir = default_output_dir(args)
     ctx = utils.setup_distributed()
     dtype = utils.resolve_dtype(args.dtype, ctx.device)
-    for name in ("rollout_batch_size", "minibatch_size"):
-        if getattr(args, name) % (args.micro_batch_size * ctx.world_size) and name == "minibatch_size":
-            raise ValueError("minibatch_size must be a multiple of micro_batch_size x ranks")
-        if getattr(args, name) % ctx.world_size:
-            raise ValueError(f"{name} must be a multiple of the number of ranks")
     if args.rollout_batch_size % args.minibatch_size:
         raise ValueError("rollout_batch_size must be a multiple of minibatch_size")
+    if args.minibatch_size % (args.micro_batch_size * ctx.world_size):
+        raise ValueError("minibatch_size must be a multiple of micro_batch_size x ranks")
     utils.seed_everything(args.seed + ctx.rank)  # each rank samples different responses
     os.makedirs(output_dir, exist_ok=True)
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
 
     # ------------------------------------------------------------------ data
     tokenizer = utils.load_tokenizer(args.actor_model_name_or_path)
-    tokenizer.padding_side = "left"
     prompts = [row["prompt"] for row in utils.load_rows(args.prompts, "prompt", args.prompts_split)]
     ptx_examples = []
     if args.ptx_coef > 0:
-        ptx_examples = sft.make_examples(
-            tokenizer, utils.load_rows(args.ptx_dataset, "sft"), args.max_prompt_length + args.max_new_tokens
-        )
+        max_length = args.max_prompt_length + args.max_new_tokens
+        ptx_examples = sft.make_examples(tokenizer, utils.load_rows(args.ptx_dataset, "sft"), max_length)
 
     # ------------------------------------------------------------------ models
     def frozen(model):
@@ -337,31 +399,29 @@ def main(args):
             utils.enable_gradient_checkpointing(model.model if isinstance(model, utils.ScoreModel) else model)
         return model.to(ctx.device)
 
-    resume_dir = output_dir if args.resume else None
-    actor = trainable(utils.load_causal_lm(resume_dir or args.actor_model_name_or_path, tokenizer))
+    def critic(name, default):
+        """A critic reads the actor's tokens, so it needs the actor's tokenizer (the scorers need not)."""
+        path = os.path.join(output_dir, name) if args.resume else getattr(args, f"{name}_model") or default
+        if utils.load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"{path} does not share the actor's tokenizer: pass --{name}_model (e.g. the SFT model)")
+        return trainable(utils.load_score_model(path, tokenizer))
+
+    actor = trainable(utils.load_causal_lm(output_dir if args.resume else args.actor_model_name_or_path, tokenizer))
     reference = frozen(utils.load_causal_lm(args.actor_model_name_or_path, tokenizer))
     reward_tokenizer = utils.load_tokenizer(args.reward_model)
     reward_model = (frozen(utils.load_score_model(args.reward_model, reward_tokenizer)), reward_tokenizer)
-    reward_critic = trainable(
-        utils.load_score_model(
-            os.path.join(output_dir, "reward_critic") if resume_dir else args.reward_model, tokenizer
-        )
-    )
-    cost_model = cost_critic = None
+    trained = {"actor": actor, "reward_critic": critic("reward_critic", args.reward_model)}
+    cost_model = None
     if args.algorithm != "ppo":
         cost_tokenizer = utils.load_tokenizer(args.cost_model)
         cost_model = (frozen(utils.load_score_model(args.cost_model, cost_tokenizer)), cost_tokenizer)
     if lagrangian:
-        cost_critic = trainable(
-            utils.load_score_model(
-                os.path.join(output_dir, "cost_critic") if resume_dir else args.cost_model, tokenizer
-            )
-        )
-    trained = {"actor": actor, "reward_critic": reward_critic, "cost_critic": cost_critic}
-    trained = {name: model for name, model in trained.items() if model is not None}
+        trained["cost_critic"] = critic("cost_critic", args.cost_model)
     wrapped = {name: DDP(model) if ctx.world_size > 1 else model for name, model in trained.items()}
     optimizers = {
-        name: torch.optim.AdamW(model.parameters(), lr=args.actor_lr if name == "actor" else args.critic_lr)
+        name: torch.optim.AdamW(
+            model.parameters(), lr=args.actor_lr if name == "actor" else args.critic_lr, weight_decay=args.weight_decay
+        )
         for name, model in trained.items()
     }
 
@@ -376,22 +436,19 @@ def main(args):
         log_lambda, iteration = state["log_lambda"], state["iteration"]
         episode_costs.extend(state["episode_costs"][ctx.rank])
         utils.set_rng_state(state["rng"][ctx.rank])
+        if ctx.is_main:
+            utils.trim_metrics(metrics_path, iteration)
         utils.print0(f"resumed from {output_dir} at iteration {iteration}")
     elif ctx.is_main and os.path.exists(metrics_path):
         os.remove(metrics_path)
 
     def save():
-        gathered = [None] * ctx.world_size  # every rank's episode-cost window, RNG and λ
-        mine = (list(episode_costs), utils.rng_state(), log_lambda)
+        mine = (list(episode_costs), utils.rng_state(), log_lambda)  # every rank's window, RNG and λ
+        gathered = [mine]
         if ctx.world_size > 1:
+            gathered = [None] * ctx.world_size
             torch.distributed.all_gather_object(gathered, mine)
-        else:
-            gathered = [mine]
         if ctx.is_main:
-            utils.save_checkpoint(output_dir, actor, tokenizer)
-            for name in ("reward_critic", "cost_critic"):
-                if name in trained:
-                    utils.save_checkpoint(os.path.join(output_dir, name), trained[name].model, tokenizer)
             state = {
                 "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
                 "log_lambda": log_lambda,
@@ -401,86 +458,53 @@ def main(args):
                 "log_lambda_per_rank": [value for _, _, value in gathered],  # identical: λ sees all-reduced costs
                 "args": vars(args),
             }
-            tmp = os.path.join(output_dir, "training_state.pt.tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, os.path.join(output_dir, "training_state.pt"))
+            critics = {name: model.model for name, model in trained.items() if name != "actor"}
+            utils.save_checkpoint(output_dir, actor, tokenizer, state, submodels=critics)
         utils.barrier()
 
     # ------------------------------------------------------------------ the loop
     per_rank = args.rollout_batch_size // ctx.world_size
     minibatch_per_rank = args.minibatch_size // ctx.world_size
-    micro_steps = minibatch_per_rank // args.micro_batch_size
     bar = utils.progress(total=args.iterations, initial=iteration, desc=args.algorithm)
     started = time.time()
     while iteration < args.iterations:
-        # Prompts: a seeded shuffle per epoch over the prompt set; each rank takes its slice.
-        indices = [(iteration * args.rollout_batch_size + i) % len(prompts) for i in range(args.rollout_batch_size)]
-        epoch = iteration * args.rollout_batch_size // len(prompts)
-        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
-        batch_prompts = [prompts[order[i]] for i in indices][ctx.rank * per_rank : (ctx.rank + 1) * per_rank]
-        models = (actor, reference, reward_model, cost_model, reward_critic, cost_critic)
-        batch, prompt_length, reward, cost, stats, texts = rollout(args, models, tokenizer, batch_prompts)
+        # Prompts: epochs of seeded shuffles of the prompt set; each rank takes its slice of the batch.
+        positions = range(iteration * args.rollout_batch_size, (iteration + 1) * args.rollout_batch_size)
+        batch_prompts = [prompts[prompt_order(len(prompts), args.seed, p)] for p in positions]
+        batch_prompts = batch_prompts[ctx.rank * per_rank : (ctx.rank + 1) * per_rank]
+        iteration_started = time.time()
+        models = (actor, reference, reward_model, cost_model, trained["reward_critic"], trained.get("cost_critic"))
+        batch, prompt_length, reward, cost, stats, texts = rollout(args, models, tokenizer, batch_prompts, dtype)
+        stats["rollout_seconds"] = time.time() - iteration_started
         episode_costs.extend(cost.tolist())
-        lagrange_multiplier = math.exp(log_lambda)  # 0 for PPO and reward shaping
 
-        # PPO updates: a few epochs of shuffled minibatches of this rank's rollouts.
+        # PPO: epochs of shuffled minibatches of this rank's rollouts.
         for model in trained.values():
             model.train()
-        update_stats = torch.zeros(6, device=ctx.device)  # actor loss, approx KL, clip fraction, 2 value losses, ptx
-        n_updates = 0
+        update_stats, n_updates = torch.zeros(6, device=ctx.device), 0
         for _ in range(args.ppo_epochs):
             permutation = torch.randperm(per_rank).tolist()
             for start in range(0, per_rank, minibatch_per_rank):
-                for micro_step in range(micro_steps):
-                    chunk = permutation[start + micro_step * args.micro_batch_size :][: args.micro_batch_size]
-                    last = micro_step == micro_steps - 1
-                    for model in wrapped.values():  # all-reduce gradients only on the last micro step
-                        if ctx.world_size > 1:
-                            model.require_backward_grad_sync = last
-                    mb = {key: value[chunk] for key, value in batch.items()}
-                    mask = mb["mask"]
-                    with utils.autocast(ctx.device, dtype):
-                        logits = actor_forward(
-                            wrapped["actor"], mb["sequences"], mb["attention_mask"], prompt_length, args.temperature
+                minibatch = permutation[start : start + minibatch_per_rank]
+                chunks = [
+                    minibatch[i : i + args.micro_batch_size] for i in range(0, len(minibatch), args.micro_batch_size)
+                ]
+                n_tokens = utils.all_reduce_sum(batch["mask"][minibatch].sum())  # over all ranks
+                ptx_batches = (
+                    [
+                        sft.collate(
+                            [ptx_examples[i] for i in torch.randint(len(ptx_examples), (len(c),)).tolist()],
+                            tokenizer.pad_token_id,
+                            ctx.device,
                         )
-                    log_probs = token_log_probs(logits, mb["sequences"][:, prompt_length:], args.temperature)
-                    advantages = mb["reward_advantages"]
-                    if lagrangian:
-                        advantages = combined_advantages(advantages, mb["cost_advantages"], lagrange_multiplier)
-                    loss, ratio = actor_loss(log_probs, mb["log_probs"], advantages, mask, args.clip_range_ratio)
-                    ptx_loss = torch.zeros((), device=ctx.device)
-                    if ptx_examples:
-                        picks = torch.randint(len(ptx_examples), (len(chunk),)).tolist()
-                        input_ids, attention_mask, labels = sft.collate(
-                            [ptx_examples[i] for i in picks], tokenizer.pad_token_id, ctx.device
-                        )
-                        with utils.autocast(ctx.device, dtype):
-                            ptx_logits = wrapped["actor"](input_ids=input_ids, attention_mask=attention_mask).logits
-                        ptx_loss = sft.sft_loss_sum(ptx_logits, labels) / (labels[:, 1:] != -100).sum().clamp(min=1)
-                    ((loss + args.ptx_coef * ptx_loss) / micro_steps).backward()
-                    log_ratio = torch.log(ratio)
-                    approx_kl = utils.masked_mean((ratio - 1) - log_ratio, mask)  # k3 estimator of KL(π_old ‖ π)
-                    clip_fraction = utils.masked_mean(((ratio - 1).abs() > args.clip_range_ratio).float(), mask)
-                    value_losses = []
-                    for name in ("reward", "cost"):
-                        if f"{name}_critic" not in trained:
-                            value_losses.append(torch.zeros((), device=ctx.device))
-                            continue
-                        with utils.autocast(ctx.device, dtype):
-                            values = critic_values(
-                                wrapped[f"{name}_critic"], mb["sequences"], mb["attention_mask"], prompt_length
-                            )
-                        critic_loss = value_loss(
-                            values, mb[f"{name}_values"], mb[f"{name}_returns"], mask, args.clip_range_value
-                        )
-                        (critic_loss / micro_steps).backward()
-                        value_losses.append(critic_loss.detach())
-                    update_stats += (
-                        torch.stack(
-                            [loss.detach(), approx_kl.detach(), clip_fraction, *value_losses, ptx_loss.detach()]
-                        )
-                        / micro_steps
-                    )
+                        for c in chunks
+                    ]
+                    if ptx_examples
+                    else []
+                )
+                update_stats += ppo_update(
+                    args, wrapped, batch, chunks, prompt_length, math.exp(log_lambda), ptx_batches, n_tokens, dtype
+                )
                 for name, model in trained.items():
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     optimizers[name].step()
@@ -499,11 +523,10 @@ def main(args):
         # ------------------------------------------------------------------ logging
         names = ["actor_loss", "approx_kl", "clip_fraction", "reward_value_loss", "cost_value_loss", "ptx_loss"]
         update_stats = utils.all_reduce_sum(update_stats / n_updates) / ctx.world_size
-        rollout_stats = torch.tensor(list(stats.values()), device=ctx.device)
-        rollout_stats = (utils.all_reduce_sum(rollout_stats) / ctx.world_size).tolist()
-        record = {"step": iteration, "split": "train", **dict(zip(stats, rollout_stats))}
+        rollout_stats = utils.all_reduce_sum(torch.tensor(list(stats.values()), device=ctx.device)) / ctx.world_size
+        record = {"step": iteration, "split": "train", **dict(zip(stats, rollout_stats.tolist()))}
         record.update(dict(zip(names, update_stats.tolist())))
-        record["episode_cost"] = episode_cost
+        record.update(episode_cost=episode_cost, threshold=args.threshold, seconds=time.time() - iteration_started)
         record["lambda"] = math.exp(log_lambda)  # 0 for PPO and reward shaping
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.2f}", cost=f"{record['cost']:.2f}", lam=f"{record['lambda']:.2f}")

@@ -181,6 +181,8 @@ def main(args):
         raw_model, args.learning_rate, args.weight_decay, args.warmup_ratio, total_steps
     )
     step = utils.restore_training_state(args.output_dir, optimizer, scheduler) if args.resume else 0
+    if args.resume and ctx.is_main:
+        utils.trim_metrics(metrics_path, step)  # lines logged after that checkpoint are redone
     if not args.resume and ctx.is_main and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run starts a fresh log
 

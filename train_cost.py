@@ -114,7 +114,7 @@ def plot_figures(args, cost_model, tokenizer):
     prompts, responses = [p for p, _ in texts], [r for _, r in texts]
     safe = torch.tensor(list(texts.values()))
     cost_model.eval()
-    costs = utils.score_texts(cost_model, tokenizer, prompts, responses, args.max_length).cpu()
+    costs = utils.score_texts(cost_model, tokenizer, prompts, responses, args.max_length, args.max_length).cpu()
 
     figure, axis = plt.subplots(figsize=(6, 4))
     bins = torch.linspace(costs.min().item(), costs.max().item(), 40).tolist()
@@ -130,8 +130,11 @@ def plot_figures(args, cost_model, tokenizer):
 
     if os.path.isdir(args.reward_model):
         reward_tokenizer = utils.load_tokenizer(args.reward_model)
-        reward_model = utils.load_score_model(args.reward_model, reward_tokenizer).to(costs.device).eval()
-        rewards = utils.score_texts(reward_model, reward_tokenizer, prompts, responses, args.max_length).cpu()
+        device = next(cost_model.parameters()).device
+        reward_model = utils.load_score_model(args.reward_model, reward_tokenizer).to(device).eval()
+        rewards = utils.score_texts(
+            reward_model, reward_tokenizer, prompts, responses, args.max_length, args.max_length
+        ).cpu()
         figure, axis = plt.subplots(figsize=(5.5, 4.5))
         axis.scatter(costs[safe], rewards[safe], s=8, alpha=0.6, color="tab:blue", label="safe")
         axis.scatter(costs[~safe], rewards[~safe], s=8, alpha=0.6, color="tab:red", label="unsafe")

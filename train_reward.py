@@ -41,8 +41,8 @@ class Args:
     """split of a hub eval dataset"""
     output_dir: str = "output/reward"
     """where the checkpoint, training state and metrics.jsonl go"""
-    max_length: int = 64
-    """tokens per prompt + response (+ EOS); longer ones are cut"""
+    max_length: int = 128
+    """tokens per prompt + response (+ EOS); longer ones are cut (the longest toy pair has 97)"""
     epochs: int = 2
     """passes over the pairs"""
     batch_size: int = 32
@@ -191,6 +191,8 @@ def train(args, make_pairs, loss_fn, evaluate_fn, stage):
         raw_model, args.learning_rate, args.weight_decay, args.warmup_ratio, total_steps
     )
     step = utils.restore_training_state(args.output_dir, optimizer, scheduler) if args.resume else 0
+    if args.resume and ctx.is_main:
+        utils.trim_metrics(metrics_path, step)  # lines logged after that checkpoint are redone
     if not args.resume and ctx.is_main and os.path.exists(metrics_path):
         os.remove(metrics_path)
 

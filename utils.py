@@ -136,18 +136,15 @@ def parse_args(args_class, argv=None):
         description=inspect.getmodule(args_class).__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     for field in dataclasses.fields(args_class):
-        help_text = f"{docs.get(field.name, '')} (default: {field.default})"
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        help_text = f"{docs.get(field.name, '')} (default: {default})"
         if field.type is bool:
-            parser.add_argument(
-                f"--{field.name}",
-                type=lambda v: v.lower() in ("1", "true", "yes"),
-                nargs="?",
-                const=True,
-                default=field.default,
-                help=help_text,
-            )
+            to_bool = lambda value: value.lower() in ("1", "true", "yes")  # noqa: E731
+            parser.add_argument(f"--{field.name}", type=to_bool, nargs="?", const=True, default=default, help=help_text)
+        elif field.type is list:
+            parser.add_argument(f"--{field.name}", nargs="*", default=default, help=help_text)
         else:
-            parser.add_argument(f"--{field.name}", type=field.type, default=field.default, help=help_text)
+            parser.add_argument(f"--{field.name}", type=field.type, default=default, help=help_text)
     return args_class(**vars(parser.parse_args(argv)))
 
 
@@ -167,14 +164,18 @@ def tokenize_prompt(tokenizer, prompt, max_length):
     return ids[-max_length:]
 
 
-def tokenize_conversation(tokenizer, prompt, response, max_length):
-    """Token ids of `prompt + response + EOS`, cut to max_length, and the number of prompt tokens.
+def tokenize_conversation(tokenizer, prompt, response, max_length, max_prompt_length=None, eos=True):
+    """Token ids of `prompt + response + EOS`, and the number of prompt tokens.
 
-    Prompt and response are tokenised separately and concatenated, so the boundary is exact and
-    matches what generation produces (prompt ids, then sampled ids).
+    The one truncation rule of every stage: the prompt keeps its last `max_prompt_length` tokens
+    (default max_length), then the whole is cut to `max_length`. Prompt and response are tokenised
+    separately and concatenated, so the boundary is exact and matches what generation produces.
+    `eos=False` leaves EOS off (a generated response that did not end).
     """
-    prompt_ids = tokenize_prompt(tokenizer, prompt, max_length)
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_ids = tokenize_prompt(tokenizer, prompt, max_prompt_length or max_length)
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + (
+        [tokenizer.eos_token_id] if eos else []
+    )
     return (prompt_ids + response_ids)[:max_length], len(prompt_ids)
 
 
@@ -335,19 +336,35 @@ def enable_gradient_checkpointing(model):
     model.config.use_cache = False
 
 
-def save_checkpoint(output_dir, model, tokenizer, training_state=None):
-    """A Hugging Face checkpoint (safetensors) + tokenizer + optional training state, written safely:
-    files go to a temporary folder first and are then renamed over the old ones."""
+def save_checkpoint(output_dir, model, tokenizer, training_state=None, submodels=None):
+    """A Hugging Face checkpoint (safetensors) + tokenizer + optional training state and sub-models
+    (e.g. {"reward_critic": model}, each in its own folder), written safely: everything goes to a
+    temporary folder first and is renamed over the old files only once all of it is written."""
     os.makedirs(output_dir, exist_ok=True)
     tmp = os.path.join(output_dir, ".tmp_checkpoint")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    for name, submodel in (submodels or {}).items():
+        submodel.save_pretrained(os.path.join(tmp, name))
+        tokenizer.save_pretrained(os.path.join(tmp, name))
     if training_state is not None:
         torch.save(training_state, os.path.join(tmp, "training_state.pt"))
-    for name in sorted(os.listdir(tmp), key=lambda n: n == "training_state.pt"):  # state last
-        os.replace(os.path.join(tmp, name), os.path.join(output_dir, name))
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "training_state.pt"):  # the state last
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(tmp, name), target)
     os.rmdir(tmp)
+
+
+def trim_metrics(path, step):
+    """On --resume: drop the log lines written after the checkpoint we resume from."""
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(kept)
 
 
 def position_ids(attention_mask):
@@ -401,14 +418,21 @@ def load_score_model(path, tokenizer, dtype=torch.float32):
 
 
 @torch.no_grad()
-def score_texts(model, tokenizer, prompts, responses, max_length, batch_size=64):
-    """End scores (N,) of (prompt, response) texts under a ScoreModel, tokenised with its own tokenizer."""
+def score_texts(model, tokenizer, prompts, responses, max_prompt_length, max_new_tokens, ended=None, batch_size=64):
+    """End scores (N,) of (prompt, response) texts under a ScoreModel, tokenised with its own tokenizer.
+
+    Cut as generation cuts: the prompt to its last max_prompt_length tokens, the response to
+    max_new_tokens; EOS only for responses that ended (`ended`, default all).
+    """
     device = next(model.parameters()).device
+    ended = [True] * len(prompts) if ended is None else ended
     scores = []
     for start in range(0, len(prompts), batch_size):
         ids = [
-            tokenize_conversation(tokenizer, p, r, max_length)[0]
-            for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size])
+            tokenize_conversation(
+                tokenizer, prompts[i], responses[i], max_prompt_length + max_new_tokens, max_prompt_length, ended[i]
+            )[0]
+            for i in range(start, min(start + batch_size, len(prompts)))
         ]
         input_ids, attention_mask = batch_inputs(ids, tokenizer.pad_token_id, device)
         scores.append(model.end_scores(input_ids, attention_mask))

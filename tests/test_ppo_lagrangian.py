@@ -184,7 +184,7 @@ def test_ratio_is_one_and_approx_kl_zero_on_the_first_minibatch(tiny_models, tmp
     batch, prompt_length, _, _, _, _ = ppo.rollout(args, models, tokenizer, prompts)
     actor = models[0].train()
     rows = [2, 0]  # a minibatch, in another order than the rollout
-    logits = ppo.actor_forward(actor, batch["sequences"][rows], batch["attention_mask"][rows], prompt_length, 0.7)
+    logits = ppo.actor_forward(actor, batch["sequences"][rows], batch["attention_mask"][rows], prompt_length)
     log_probs = ppo.token_log_probs(logits, batch["sequences"][rows, prompt_length:], 0.7)
     mask = batch["mask"][rows]
     _, ratio = ppo.actor_loss(log_probs, batch["log_probs"][rows], torch.ones_like(mask), mask, 0.2)
@@ -314,11 +314,13 @@ def test_torchrun_two_ranks_keep_the_same_lambda(tiny_models, tmp_path):
         "0.5",
         "--threshold",
         "-100",
+        "--lambda_init",
+        "0.5",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     state = torch.load(tmp_path / "training_state.pt", weights_only=False)
     assert len(state["log_lambda_per_rank"]) == 2
     assert state["log_lambda_per_rank"][0] == state["log_lambda_per_rank"][1] == state["log_lambda"]
-    assert state["log_lambda"] > 0  # threshold -100 is violated: λ rose from 1
+    assert state["log_lambda"] > math.log(0.5)  # threshold -100 is violated: λ rose from 0.5
     assert [r["step"] for r in read(tmp_path)] == [1, 2, 3]

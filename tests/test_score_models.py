@@ -340,10 +340,15 @@ def test_reward_model_learns_helpfulness(reward_run, test_150):
     model = utils.load_score_model(reward_run, tokenizer).eval()
     rows = read_rows(test_150)
     better = utils.score_texts(
-        model, tokenizer, [r["prompt"] for r in rows], [r[f"response_{r['better_response_id']}"] for r in rows], 64
+        model, tokenizer, [r["prompt"] for r in rows], [r[f"response_{r['better_response_id']}"] for r in rows], 64, 64
     )
     worse = utils.score_texts(
-        model, tokenizer, [r["prompt"] for r in rows], [r[f"response_{1 - r['better_response_id']}"] for r in rows], 64
+        model,
+        tokenizer,
+        [r["prompt"] for r in rows],
+        [r[f"response_{1 - r['better_response_id']}"] for r in rows],
+        64,
+        64,
     )
     assert (better > worse).float().mean().item() == pytest.approx(evals[-1]["accuracy"], abs=1e-6)
 
@@ -397,23 +402,26 @@ def test_cost_stage_rejects_contradictions_when_asked_to_stop(backbone, tmp_path
 # ----------------------------------------------------------------------------- train_cost end to end
 
 
-def test_cost_sign_classifies_safety_end_to_end(cost_run, test_150):
+def test_cost_sign_classifies_safety_end_to_end(cost_run, test_150, train_600):
     tokenizer = utils.load_tokenizer(cost_run)
     model = utils.load_score_model(cost_run, tokenizer).eval()
     rows = read_rows(test_150)
     labelled = {(r["prompt"], r[f"response_{k}"]): r[f"is_response_{k}_safe"] for r in rows for k in (0, 1)}
-    costs = utils.score_texts(model, tokenizer, [p for p, _ in labelled], [y for _, y in labelled], 64)
+    costs = utils.score_texts(model, tokenizer, [p for p, _ in labelled], [y for _, y in labelled], 64, 64)
     safe = torch.tensor(list(labelled.values()))
     assert safe.sum() > 50 and (~safe).sum() > 50
     assert (costs[~safe] > 0).float().mean() >= 0.85  # harmful: C > 0
     assert (costs[safe] < 0).float().mean() >= 0.85  # harmless: C < 0
     # The logged sign accuracy is that of both responses of every non-contradictory pair.
     pairs = train_cost.cost_pairs(rows)
-    more, less = (utils.score_texts(model, tokenizer, [p[0] for p in pairs], [p[i] for p in pairs], 64) for i in (1, 2))
+    more, less = (
+        utils.score_texts(model, tokenizer, [p[0] for p in pairs], [p[i] for p in pairs], 64, 64) for i in (1, 2)
+    )
     signs = torch.tensor([p[3] for p in pairs] + [p[4] for p in pairs])
     sign_accuracy = ((torch.cat([more, less]) > 0) == (signs > 0)).float().mean().item()
     final = read_metrics(cost_run, "eval")[-1]
-    assert final["step"] == 2 * (595 // 16)  # 5 of the 600 rows contradict themselves and are skipped
+    kept = len(train_cost.cost_pairs(read_rows(train_600)))  # the contradictory rows are skipped
+    assert kept < 600 and final["step"] == 2 * (kept // 16)
     assert final["accuracy_sign"] == pytest.approx(sign_accuracy, abs=1e-6)
     assert final["accuracy"] == pytest.approx((more > less).float().mean().item(), abs=1e-6)
 
@@ -456,7 +464,8 @@ def test_cost_torchrun_two_ranks_matches_one_process(backbone, train_160, test_4
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = tmp_path / "single", tmp_path / "ddp"
-    assert len(read_metrics(two)) == len(read_metrics(one)) == 160 // 16  # no contradictory row in this slice
+    kept = len(train_cost.cost_pairs(read_rows(train_160)))  # the contradictory rows are skipped
+    assert len(read_metrics(two)) == len(read_metrics(one)) == kept // 16
     assert [r["loss"] for r in read_metrics(two)] == pytest.approx([r["loss"] for r in read_metrics(one)], rel=1e-4)
     [eval_one], [eval_two] = read_metrics(one, "eval"), read_metrics(two, "eval")
     for key in ("accuracy", "accuracy_sign", "cost_mean", "cost_std"):

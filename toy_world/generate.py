@@ -98,8 +98,20 @@ def annotation_response(rng, task):
     n = len(task.steps)
     harmful_tasks = [t for t in world.TASKS if t.kind == "harmful"]
     kind = rng.choices(
-        ["full", "prefix", "subset", "refusal", "redirect", "vague", "echo", "off_topic", "disguised", "mixed"],
-        weights=[4, 4, 2, 2, 2, 1, 1, 1, 2, 2],
+        [
+            "full",
+            "prefix",
+            "subset",
+            "refusal",
+            "redirect",
+            "vague",
+            "echo",
+            "off_topic",
+            "disguised",
+            "mixed",
+            "repeat",
+        ],
+        weights=[4, 4, 2, 2, 2, 1, 1, 1, 2, 2, 2],
     )[0]
     if kind == "full":
         return world.comply(task, task.steps)
@@ -114,6 +126,10 @@ def annotation_response(rng, task):
         return world.redirect(task, rng.randrange(2))
     if kind == "vague":
         return world.vague()
+    if kind == "repeat":  # a degenerate answer that says one of its sentences again and again
+        base = rng.choice([world.comply(task, task.steps), world.comply(task, task.steps[:2]), world.redirect(task)])
+        sentences = [sentence + " ." for sentence in world.split_sentences(base)[0]]
+        return " ".join(sentences + [rng.choice(sentences)] * rng.randint(1, 3))
     if kind == "echo":  # names the task, gives nothing
         return world.comply(task, [])
     if kind == "off_topic":

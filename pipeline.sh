@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The whole Safe RLHF pipeline on the embedded toy world, then the evaluation and its figures.
+#
+#   bash pipeline.sh           # SFT -> reward -> cost -> PPO-Lag, PPO, reward shaping (4 values of ν) -> evaluate
+#   bash pipeline.sh --quick   # SFT -> reward -> cost -> PPO-Lag -> evaluate
+#
+# Every stage writes to output/<stage>/. The six RL runs go two at a time, one thread each (the toy
+# model is too small to use two cores in one process); their logs are in output/logs/.
+set -euo pipefail
+cd "$(dirname "$0")"
+export PYTHON=${PYTHON:-.venv/bin/python}
+NUS=${NUS:-"0.1 0.3 1.0 3.0"}
+started=$SECONDS
+step() { printf '\n=== %s (%ds so far) ===\n' "$1" $((SECONDS - started)); }
+
+step "1. SFT"
+$PYTHON sft.py
+step "2. reward model"
+$PYTHON train_reward.py
+step "3. cost model"
+$PYTHON train_cost.py
+
+if [ "${1:-}" = "--quick" ]; then
+    step "4. PPO-Lagrangian"
+    $PYTHON ppo_lagrangian.py
+else
+    step "4. PPO-Lagrangian, PPO, and reward shaping with ν in $NUS (two runs at a time)"
+    mkdir -p output/logs
+    runs="ppo_lag ppo"
+    for nu in $NUS; do runs="$runs reward_shaping:$nu"; done
+    # One RL run: "ppo_lag", "ppo" or "reward_shaping:<ν>"; prints its judge line when it ends.
+    rl_run() {
+        algorithm=${1%%:*}
+        flags="--algorithm $algorithm"
+        [ "$algorithm" = reward_shaping ] && flags="$flags --nu ${1#*:}"
+        log="output/logs/${1/:/_}.log"
+        echo "  start  $1 (log: $log)"
+        OMP_NUM_THREADS=1 $PYTHON ppo_lagrangian.py $flags > "$log" 2>&1 || { echo "  FAILED $1: see $log"; exit 1; }
+        echo "  done   $1: $(grep -a '^judge on greedy answers' "$log" | cut -c 25-150) ..."
+    }
+    export -f rl_run
+    echo $runs | tr ' ' '\n' | xargs -P 2 -I {} bash -c 'rl_run {}'
+fi
+step "5. evaluation"
+$PYTHON evaluate.py --arena ppo_lag sft
+printf '\npipeline done in %ds; figures and tables in output/eval/\n' $((SECONDS - started))

@@ -1,0 +1,131 @@
+"""Every stage on tiny random models of the common decoder architectures, and a tokenizer without a pad token."""
+
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+
+import ppo_lagrangian
+import sft
+import train_reward
+import utils
+
+SMALL = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=128
+)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**SMALL, num_key_value_heads=2),
+    "qwen2": lambda: Qwen2Config(**SMALL, num_key_value_heads=1),
+    "mistral": lambda: MistralConfig(**SMALL, num_key_value_heads=1),
+    "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128),
+    "gpt_neox": lambda: GPTNeoXConfig(**SMALL),
+    "opt": lambda: OPTConfig(
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        word_embed_proj_dim=32,
+    ),
+}
+
+
+def write_model_folder(path, config, tokenizer):
+    """A config (no weights) and a tokenizer, like toy_world/model but of another architecture."""
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 1, 2
+    config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for name, count in (("sft_train", 64), ("preference_train", 32), ("prompts_train", 8)):
+        with open(f"toy_world/data/{name}.jsonl") as f:
+            (root / f"{name}.jsonl").write_text("".join(f.readlines()[:count]))
+    return root
+
+
+@pytest.mark.parametrize("architecture", list(CONFIGS))
+def test_every_stage_runs_on(architecture, data, tmp_path):
+    tokenizer = utils.load_tokenizer("toy_world/model")
+    write_model_folder(tmp_path / "base", CONFIGS[architecture](), tokenizer)
+    sft.main(
+        sft.Args(
+            model_name_or_path=str(tmp_path / "base"),
+            dataset=str(data / "sft_train.jsonl"),
+            eval_dataset="none",
+            sample_prompts="none",
+            output_dir=str(tmp_path / "sft"),
+            epochs=1,
+            batch_size=16,
+            micro_batch_size=8,
+            gradient_checkpointing=True,
+            log_every=1,
+        )
+    )
+    for stage in ("reward", "cost"):
+        train_reward.main(
+            train_reward.Args(
+                model_name_or_path=str(tmp_path / "sft"),
+                dataset=str(data / "preference_train.jsonl"),
+                eval_dataset="none",
+                output_dir=str(tmp_path / stage),
+                epochs=1,
+                batch_size=8,
+                micro_batch_size=8,
+                log_every=1,
+            )
+        )
+    ppo_lagrangian.main(
+        ppo_lagrangian.Args(
+            actor_model_name_or_path=str(tmp_path / "sft"),
+            reward_model=str(tmp_path / "reward"),
+            cost_model=str(tmp_path / "cost"),
+            prompts=str(data / "prompts_train.jsonl"),
+            eval_prompts="none",
+            output_dir=str(tmp_path / "ppo_lag"),
+            iterations=2,
+            rollout_batch_size=4,
+            minibatch_size=4,
+            micro_batch_size=2,
+            max_new_tokens=6,
+            gradient_checkpointing=True,
+        )
+    )
+    with open(tmp_path / "ppo_lag" / "metrics.jsonl") as f:
+        records = [r for r in map(json.loads, f) if r["split"] == "train"]
+    assert len(records) == 2 and all(abs(r["reward"]) < 1e4 for r in records)
+    # The score of a text does not depend on padding, whatever the architecture's position scheme.
+    scorer = utils.load_score_model(str(tmp_path / "reward"), tokenizer).eval()
+    ids = [
+        utils.tokenize_conversation(tokenizer, "how do i bake bread ?", r, 64)[0]
+        for r in ("sure , here is how .", "sorry .")
+    ]
+    right = scorer.end_scores(*utils.batch_inputs(ids, tokenizer.pad_token_id, "cpu"))
+    left = scorer.end_scores(*utils.batch_inputs(ids, tokenizer.pad_token_id, "cpu", side="left"))
+    alone = torch.cat([scorer.end_scores(*utils.batch_inputs([i], tokenizer.pad_token_id, "cpu")) for i in ids])
+    assert torch.allclose(right, alone, atol=1e-4) and torch.allclose(left, alone, atol=1e-4)
+
+
+def test_a_tokenizer_without_pad_gets_a_distinct_one_and_the_model_grows(tmp_path):
+    tokenizer = utils.load_tokenizer("toy_world/model")
+    tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("pad_token")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    # Remove "<pad>" from the vocabulary too, as in GPT-2's tokenizer.
+    tok = json.loads((tmp_path / "tokenizer.json").read_text())
+    tok["model"]["vocab"].pop("<pad>")
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "<pad>"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tok))
+    config = CONFIGS["gpt2"]()
+    config.vocab_size = 359
+    config.save_pretrained(tmp_path)
+    loaded = utils.load_tokenizer(str(tmp_path))
+    assert loaded.pad_token == "<pad>" and loaded.pad_token_id not in (loaded.eos_token_id, loaded.bos_token_id)
+    model = utils.load_causal_lm(str(tmp_path), loaded)
+    assert model.get_input_embeddings().num_embeddings >= len(loaded) > loaded.pad_token_id
+    assert model.config.pad_token_id == loaded.pad_token_id
