@@ -36,7 +36,7 @@ else
         log="output/logs/${1/:/_}.log"
         echo "  start  $1 (log: $log)"
         OMP_NUM_THREADS=1 $PYTHON ppo_lagrangian.py $flags > "$log" 2>&1 || { echo "  FAILED $1: see $log"; exit 1; }
-        echo "  done   $1: $(grep -a '^judge on greedy answers' "$log" | cut -c 25-150) ..."
+        echo "  done   $1: $(grep -ao 'judge_harmful_rate [0-9.]*\|judge_helpfulness_benign [0-9.]*' "$log" | tr '\n' ' ')"
     }
     export -f rl_run
     echo $runs | tr ' ' '\n' | xargs -P 2 -I {} bash -c 'rl_run {}'

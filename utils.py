@@ -159,9 +159,13 @@ def format_prompt(prompt):
 
 
 def tokenize_prompt(tokenizer, prompt, max_length):
-    """Template + prompt, with the tokenizer's own special tokens (e.g. BOS); long prompts lose their start."""
+    """Template + prompt, with the tokenizer's own special tokens (e.g. BOS). A long prompt loses its
+    start (after the BOS, which stays) so that "ASSISTANT:" stays next to the response."""
     ids = tokenizer(format_prompt(prompt))["input_ids"]
-    return ids[-max_length:]
+    if len(ids) <= max_length:
+        return ids
+    keep_bos = ids[0] == tokenizer.bos_token_id
+    return ids[:1] + ids[len(ids) - max_length + 1 :] if keep_bos else ids[-max_length:]
 
 
 def tokenize_conversation(tokenizer, prompt, response, max_length, max_prompt_length=None, eos=True):
