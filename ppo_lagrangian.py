@@ -322,8 +322,9 @@ def ppo_update(args, wrapped, batch, chunks, prompt_length, lagrange_multiplier,
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     stats = torch.zeros(6, device=batch["mask"].device)
     for micro_step, chunk in enumerate(chunks):
-        for model in wrapped.values():  # all-reduce gradients only on the last micro step
-            model.require_backward_grad_sync = micro_step == len(chunks) - 1
+        if world_size > 1:  # all-reduce gradients only on the last micro step
+            for model in wrapped.values():
+                model.require_backward_grad_sync = micro_step == len(chunks) - 1
         mb = {key: value[chunk] for key, value in batch.items()}
         mask = mb["mask"]
         with utils.autocast(mask.device, dtype):
@@ -490,18 +491,12 @@ def main(args):
                     minibatch[i : i + args.micro_batch_size] for i in range(0, len(minibatch), args.micro_batch_size)
                 ]
                 n_tokens = utils.all_reduce_sum(batch["mask"][minibatch].sum())  # over all ranks
-                ptx_batches = (
-                    [
-                        sft.collate(
-                            [ptx_examples[i] for i in torch.randint(len(ptx_examples), (len(c),)).tolist()],
-                            tokenizer.pad_token_id,
-                            ctx.device,
-                        )
-                        for c in chunks
-                    ]
-                    if ptx_examples
-                    else []
-                )
+                ptx_batches = []  # one random SFT micro batch per chunk, for the PTX loss
+                for chunk in chunks if ptx_examples else []:
+                    picks = torch.randint(len(ptx_examples), (len(chunk),)).tolist()
+                    ptx_batches.append(
+                        sft.collate([ptx_examples[i] for i in picks], tokenizer.pad_token_id, ctx.device)
+                    )
                 update_stats += ppo_update(
                     args, wrapped, batch, chunks, prompt_length, math.exp(log_lambda), ptx_batches, n_tokens, dtype
                 )
