@@ -324,3 +324,11 @@ def test_torchrun_two_ranks_keep_the_same_lambda(tiny_models, tmp_path):
     assert state["log_lambda_per_rank"][0] == state["log_lambda_per_rank"][1] == state["log_lambda"]
     assert state["log_lambda"] > math.log(0.5)  # threshold -100 is violated: λ rose from 0.5
     assert [r["step"] for r in read(tmp_path)] == [1, 2, 3]
+
+
+def test_ptx_loss_is_mixed_into_the_actor_update(tiny_models, tmp_path):
+    ppo.main(tiny_args(tiny_models, tmp_path, iterations=2, ptx_coef=1.0))
+    # the SFT loss of a random model on toy conversations is near log(vocabulary) ≈ 5.9
+    assert all(3.0 < r["ptx_loss"] < 8.0 for r in read(tmp_path))
+    ppo.main(tiny_args(tiny_models, tmp_path / "off", iterations=1))
+    assert read(tmp_path / "off")[0]["ptx_loss"] == 0.0
