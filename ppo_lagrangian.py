@@ -1,9 +1,9 @@
 r"""Stage 4: PPO-Lagrangian, the heart of Safe RLHF (eqs. 7-10), with the PPO and reward-shaping baselines.
 
-    python ppo_lagrangian.py                                   # PPO-Lag on the toy world -> output/ppo_lag
-    python ppo_lagrangian.py --algorithm ppo                   # reward only, λ ≡ 0      -> output/ppo
-    python ppo_lagrangian.py --algorithm reward_shaping --nu 1 # fixed R - ν·C           -> output/reward_shaping_1.0
-    python ppo_lagrangian.py --resume                          # continue an interrupted run
+    python ppo_lagrangian.py                                         # PPO-Lag on the toy world -> output/ppo_lag
+    python ppo_lagrangian.py --algorithm ppo                         # reward only, λ ≡ 0 -> output/ppo
+    python ppo_lagrangian.py --algorithm reward_shaping --cost_coef 1  # fixed R - ν·C -> output/reward_shaping_1.0
+    python ppo_lagrangian.py --resume                                # continue an interrupted run
     torchrun --nproc_per_node=8 ppo_lagrangian.py --actor_model_name_or_path output/sft_alpaca \
         --reward_model output/reward_pku --cost_model output/cost_pku --prompts PKU-Alignment/PKU-SafeRLHF \
         --max_prompt_length 256 --max_new_tokens 256 --threshold 0 --kl_coef 0.01 --actor_lr 1e-5 \
@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sft
 import utils
@@ -38,8 +37,8 @@ import utils
 class Args:
     algorithm: str = "ppo_lag"
     """ppo_lag (Safe RLHF), ppo (reward only, λ ≡ 0) or reward_shaping (fixed R - ν·C)"""
-    nu: float = 1.0
-    """reward shaping's fixed cost coefficient ν (reward_shaping only)"""
+    cost_coef: float = 1.0
+    """ν: reward shaping's fixed cost coefficient, the reward is R - ν·C (reward_shaping only)"""
     actor_model_name_or_path: str = "output/sft"
     """the policy's initialisation and the frozen reference"""
     reward_model: str = "output/reward"
@@ -60,11 +59,11 @@ class Args:
     """default: output/ppo_lag, output/ppo or output/reward_shaping_<ν>"""
     iterations: int = 100
     """rollout + update iterations"""
-    rollout_batch_size: int = 64
+    rollout_batch_size: int = 48
     """prompts per iteration, over all ranks"""
-    minibatch_size: int = 32
+    minibatch_size: int = 24
     """sequences per PPO update, over all ranks"""
-    micro_batch_size: int = 32
+    micro_batch_size: int = 24
     """sequences per forward pass on one rank (gradients accumulate up to minibatch_size)"""
     ppo_epochs: int = 1
     """passes over each rollout batch"""
@@ -114,6 +113,9 @@ class Args:
     """float32, bfloat16 (mixed precision), or auto: bf16 on a GPU that has it, fp32 on CPU"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass of actor and critics"""
+    fsdp: bool = False
+    """under torchrun, shard all six models over the ranks (PyTorch FSDP) instead of a full copy per rank:
+    how the paper's 7B setup fits on 8 x 80 GB"""
     seed: int = 42
     """seed of sampling and prompt order"""
     save_every: int = 50
@@ -209,11 +211,16 @@ def response_mask(responses, eos_token_id):
 
 
 def actor_forward(model, sequences, attention_mask, prompt_length):
-    """Logits of the response tokens: the logits at position t predict token t + 1, hence the shift."""
+    """Logits of the response tokens: the logits at position t predict token t + 1, hence the shift.
+    Only the last N + 1 positions go through the LM head (logits_to_keep): the prompt's are never used."""
+    n_response = sequences.shape[1] - prompt_length
     logits = model(
-        input_ids=sequences, attention_mask=attention_mask, position_ids=utils.position_ids(attention_mask)
-    ).logits
-    return logits[:, prompt_length - 1 : -1]  # (B, N, V), aligned with sequences[:, prompt_length:]
+        input_ids=sequences,
+        attention_mask=attention_mask,
+        position_ids=utils.position_ids(attention_mask),
+        logits_to_keep=n_response + 1,
+    ).logits  # positions prompt_length - 1 .. end
+    return logits[:, :-1]  # (B, N, V), aligned with sequences[:, prompt_length:]
 
 
 def critic_values(critic, sequences, attention_mask, prompt_length):
@@ -266,7 +273,7 @@ def rollout(args, models, tokenizer, prompts, dtype=torch.float32):
     # The reward stream: R for PPO-Lag and PPO; R - ν·C for reward shaping.
     score = reward
     if args.algorithm == "reward_shaping":
-        score = reward.clamp(-args.clip_range_score, args.clip_range_score) - args.nu * cost.clamp(
+        score = reward.clamp(-args.clip_range_score, args.clip_range_score) - args.cost_coef * cost.clamp(
             -args.clip_range_score, args.clip_range_score
         )
     rewards = per_token_rewards(score, log_probs, ref_log_probs, mask, args.kl_coef, args.clip_range_score, -1)
@@ -312,7 +319,9 @@ def prompt_order(n_prompts, seed, position):
 def default_output_dir(args):
     if args.output_dir:
         return args.output_dir
-    return {"ppo_lag": "output/ppo_lag", "ppo": "output/ppo"}.get(args.algorithm, f"output/reward_shaping_{args.nu}")
+    return {"ppo_lag": "output/ppo_lag", "ppo": "output/ppo"}.get(
+        args.algorithm, f"output/reward_shaping_{args.cost_coef}"
+    )
 
 
 def ppo_update(args, wrapped, batch, chunks, prompt_length, lagrange_multiplier, ptx_batches, n_tokens, dtype):
@@ -322,9 +331,8 @@ def ppo_update(args, wrapped, batch, chunks, prompt_length, lagrange_multiplier,
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     stats = torch.zeros(6, device=batch["mask"].device)
     for micro_step, chunk in enumerate(chunks):
-        if world_size > 1:  # all-reduce gradients only on the last micro step
-            for model in wrapped.values():
-                model.require_backward_grad_sync = micro_step == len(chunks) - 1
+        for model in wrapped.values():
+            utils.set_gradient_sync(model, micro_step, len(chunks))
         mb = {key: value[chunk] for key, value in batch.items()}
         mask = mb["mask"]
         with utils.autocast(mask.device, dtype):
@@ -340,7 +348,7 @@ def ppo_update(args, wrapped, batch, chunks, prompt_length, lagrange_multiplier,
             with utils.autocast(mask.device, dtype):
                 ptx_logits = wrapped["actor"](input_ids=input_ids, attention_mask=attention_mask).logits
             ptx_loss = sft.sft_loss_sum(ptx_logits, labels) / (labels[:, 1:] != -100).sum().clamp(min=1) / len(chunks)
-        # DDP averages gradients over ranks: scale back up so they are those of the global mean.
+        # DDP and FSDP average gradients over ranks: scale back up so they are those of the global mean.
         ((loss + args.ptx_coef * ptx_loss) * world_size).backward()
         log_ratio = torch.log(ratio)
         approx_kl = ((ratio - 1) - log_ratio) * mask  # k3 estimator of KL(π_old ‖ π), per token
@@ -392,7 +400,8 @@ def main(args):
     # ------------------------------------------------------------------ models
     def frozen(model):
         utils.disable_dropout(model)
-        return model.to(ctx.device, dtype).eval().requires_grad_(False)
+        model = model.to(ctx.device, dtype).eval().requires_grad_(False)
+        return utils.shard(model, dtype) if args.fsdp and ctx.world_size > 1 else model
 
     def trainable(model):
         utils.disable_dropout(model)
@@ -418,7 +427,7 @@ def main(args):
         cost_model = (frozen(utils.load_score_model(args.cost_model, cost_tokenizer)), cost_tokenizer)
     if lagrangian:
         trained["cost_critic"] = critic("cost_critic", args.cost_model)
-    wrapped = {name: DDP(model) if ctx.world_size > 1 else model for name, model in trained.items()}
+    wrapped = {name: utils.wrap(model, ctx, args.fsdp, dtype) for name, model in trained.items()}  # DDP or FSDP
     optimizers = {
         name: torch.optim.AdamW(
             model.parameters(), lr=args.actor_lr if name == "actor" else args.critic_lr, weight_decay=args.weight_decay
@@ -433,7 +442,7 @@ def main(args):
     if args.resume:
         state = torch.load(os.path.join(output_dir, "training_state.pt"), weights_only=False)
         for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][name])
+            utils.load_optimizer_state(trained[name], optimizer, state["optimizers"][name])
         log_lambda, iteration = state["log_lambda"], state["iteration"]
         episode_costs.extend(state["episode_costs"][ctx.rank])
         utils.set_rng_state(state["rng"][ctx.rank])
@@ -443,25 +452,23 @@ def main(args):
     elif ctx.is_main and os.path.exists(metrics_path):
         os.remove(metrics_path)
 
-    def save():
+    def save():  # on every rank: FSDP gathers the shards
         mine = (list(episode_costs), utils.rng_state(), log_lambda)  # every rank's window, RNG and λ
         gathered = [mine]
         if ctx.world_size > 1:
             gathered = [None] * ctx.world_size
             torch.distributed.all_gather_object(gathered, mine)
-        if ctx.is_main:
-            state = {
-                "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
-                "log_lambda": log_lambda,
-                "iteration": iteration,
-                "episode_costs": [costs for costs, _, _ in gathered],
-                "rng": [rng for _, rng, _ in gathered],
-                "log_lambda_per_rank": [value for _, _, value in gathered],  # identical: λ sees all-reduced costs
-                "args": vars(args),
-            }
-            critics = {name: model.model for name, model in trained.items() if name != "actor"}
-            utils.save_checkpoint(output_dir, actor, tokenizer, state, submodels=critics)
-        utils.barrier()
+        state = {
+            "optimizers": {name: utils.optimizer_state(trained[name], opt) for name, opt in optimizers.items()},
+            "log_lambda": log_lambda,
+            "iteration": iteration,
+            "episode_costs": [costs for costs, _, _ in gathered],
+            "rng": [rng for _, rng, _ in gathered],
+            "log_lambda_per_rank": [value for _, _, value in gathered],  # identical: λ sees all-reduced costs
+            "args": vars(args),
+        }
+        critics = {name: model.model for name, model in trained.items() if name != "actor"}
+        utils.save_checkpoint(output_dir, actor, tokenizer, state, submodels=critics)
 
     # ------------------------------------------------------------------ the loop
     per_rank = args.rollout_batch_size // ctx.world_size
@@ -538,10 +545,10 @@ def main(args):
     bar.close()
 
     # ------------------------------------------------------------------ a look at the policy
-    if args.eval_prompts != "none" and ctx.is_main:
+    if args.eval_prompts != "none" and (ctx.is_main or args.fsdp):  # FSDP: every rank takes part
         rows = utils.load_rows(args.eval_prompts, "prompt")
         summary = sft.sample_and_judge(actor, tokenizer, rows, args.max_prompt_length, args.max_new_tokens)
-        if summary:
+        if summary and ctx.is_main:
             utils.log_metrics(metrics_path, {"step": iteration, "split": "eval", **summary})
             utils.print0("judge on greedy answers: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
     utils.print0(f"saved to {output_dir} after {iteration} iterations in {time.time() - started:.0f}s")

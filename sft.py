@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import utils
 
@@ -59,6 +58,9 @@ class Args:
     """float32, bfloat16 (mixed precision), or auto: bf16 on a GPU that has it, fp32 on CPU"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
+    fsdp: bool = False
+    """under torchrun, shard weights, gradients and optimizer state over the ranks (PyTorch FSDP) instead of
+    replicating them (DDP): for models one GPU cannot hold with their optimizer state"""
     seed: int = 42
     """seed of initialisation and data order"""
     eval_every: int = 100
@@ -107,7 +109,11 @@ def evaluate_loss(model, examples, pad_token_id, dtype, batch_size, ctx):
     """Mean response-token loss over the eval set; each rank takes a slice, sums are all-reduced."""
     model.eval()
     totals = torch.zeros(2, device=ctx.device)  # (summed loss, token count)
-    mine = examples[ctx.rank :: ctx.world_size]
+    # Every rank runs as many batches (FSDP gathers weights in each forward): fillers have no label.
+    mine = [
+        examples[i] if i >= 0 else (examples[0][0], [-100] * len(examples[0][0]))
+        for i in utils.my_share(len(examples), ctx)
+    ]
     for start in range(0, len(mine), batch_size):
         input_ids, attention_mask, labels = collate(mine[start : start + batch_size], pad_token_id, ctx.device)
         with utils.autocast(ctx.device, dtype):
@@ -174,23 +180,20 @@ def main(args):
     if args.gradient_checkpointing:
         utils.enable_gradient_checkpointing(model)
     model.train()
-    raw_model = model
-    if ctx.world_size > 1:
-        model = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    model = utils.wrap(model, ctx, args.fsdp, dtype)  # DDP or FSDP under torchrun
+    raw_model = utils.unwrap(model)
     optimizer, scheduler = utils.optimizer_and_scheduler(
         raw_model, args.learning_rate, args.weight_decay, args.warmup_ratio, total_steps
     )
-    step = utils.restore_training_state(args.output_dir, optimizer, scheduler) if args.resume else 0
+    step = utils.restore_training_state(args.output_dir, raw_model, optimizer, scheduler) if args.resume else 0
     if args.resume and ctx.is_main:
         utils.trim_metrics(metrics_path, step)  # lines logged after that checkpoint are redone
     if not args.resume and ctx.is_main and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run starts a fresh log
 
-    def save():
-        if ctx.is_main:
-            state = utils.training_state(optimizer, scheduler, step, args)
-            utils.save_checkpoint(args.output_dir, raw_model, tokenizer, state)
-        utils.barrier()
+    def save():  # on every rank: FSDP gathers the shards
+        state = utils.training_state(raw_model, optimizer, scheduler, step, args)
+        utils.save_checkpoint(args.output_dir, raw_model, tokenizer, state)
 
     # ------------------------------------------------------------------ training loop
     last_step = total_steps if args.max_steps < 0 else min(total_steps, args.max_steps)
@@ -206,12 +209,11 @@ def main(args):
         for micro_step in range(micro_steps):
             chunk = mine[micro_step * args.micro_batch_size : (micro_step + 1) * args.micro_batch_size]
             input_ids, attention_mask, labels = collate(chunk, tokenizer.pad_token_id, ctx.device)
-            if ctx.world_size > 1:  # all-reduce gradients only on the last micro step
-                model.require_backward_grad_sync = micro_step == micro_steps - 1
+            utils.set_gradient_sync(model, micro_step, micro_steps)
             with utils.autocast(ctx.device, dtype):
                 logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
             loss = sft_loss_sum(logits, labels) / n_tokens
-            # DDP averages gradients over ranks; undo that so gradients are of the global-batch mean.
+            # DDP and FSDP average gradients over ranks; undo that so they are of the global-batch mean.
             (loss * ctx.world_size).backward()
             train_loss += loss.detach()
             tokens_seen += attention_mask.sum().item()
@@ -239,11 +241,11 @@ def main(args):
     bar.close()
 
     # ------------------------------------------------------------------ a look at what it learned
-    if args.sample_prompts != "none" and step == total_steps and ctx.is_main:
+    if args.sample_prompts != "none" and step == total_steps and (ctx.is_main or args.fsdp):  # FSDP: all ranks
         summary = sample_and_judge(
             raw_model, tokenizer, utils.load_rows(args.sample_prompts, "prompt"), args.max_length, args.max_length
         )
-        if summary:
+        if summary and ctx.is_main:
             utils.log_metrics(metrics_path, {"step": step, "split": "eval", **summary})
             utils.print0("judge on greedy answers: " + json.dumps({k: round(v, 3) for k, v in summary.items()}))
     utils.print0(f"saved to {args.output_dir} after {step} steps in {time.time() - started:.0f}s")

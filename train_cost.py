@@ -160,7 +160,9 @@ def main(args):
 
     ctx, model, tokenizer, eval_pairs, _ = train_reward.train(args, make_pairs, loss, evaluate_cost, "cost")
     if ctx.is_main and eval_pairs:
-        plot_figures(args, model.module if ctx.world_size > 1 else model, tokenizer)
+        # Rank 0 alone: a sharded model would wait for the other ranks, so it reads the saved one.
+        cost_model = utils.load_score_model(args.output_dir, tokenizer).to(ctx.device) if args.fsdp else model
+        plot_figures(args, utils.unwrap(cost_model), tokenizer)
     utils.cleanup_distributed()
 
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import utils
 
@@ -63,6 +62,9 @@ class Args:
     """float32, bfloat16 (mixed precision), or auto: bf16 on a GPU that has it, fp32 on CPU"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
+    fsdp: bool = False
+    """under torchrun, shard weights, gradients and optimizer state over the ranks (PyTorch FSDP) instead of
+    replicating them (DDP): for models one GPU cannot hold with their optimizer state"""
     seed: int = 42
     """seed of the score head's initialisation and of data order"""
     eval_every: int = 0
@@ -137,12 +139,14 @@ def evaluate_reward(model, pairs, pad_token_id, device, dtype, batch_size, ctx):
 def score_all(model, pairs, pad_token_id, device, dtype, batch_size, ctx):
     """End scores of every pair, each rank scoring a slice; gathered in the original order."""
     model.eval()
-    mine = list(range(ctx.rank, len(pairs), ctx.world_size))
+    mine = utils.my_share(len(pairs), ctx)  # -1: a filler, scored and dropped (FSDP needs equal passes)
     scores = torch.zeros(2, len(pairs), device=device)
     for start in range(0, len(mine), batch_size):
         chunk = mine[start : start + batch_size]
-        better, worse = pair_scores(model, [pairs[i] for i in chunk], pad_token_id, device, dtype)
-        scores[0, chunk], scores[1, chunk] = better, worse
+        better, worse = pair_scores(model, [pairs[max(i, 0)] for i in chunk], pad_token_id, device, dtype)
+        real = torch.tensor(chunk) >= 0
+        kept = [i for i in chunk if i >= 0]
+        scores[0, kept], scores[1, kept] = better[real], worse[real]
     model.train()
     utils.all_reduce_sum(scores)  # every entry was filled by exactly one rank
     return scores[0], scores[1]
@@ -184,23 +188,20 @@ def train(args, make_pairs, loss_fn, evaluate_fn, stage):
     if args.gradient_checkpointing:
         utils.enable_gradient_checkpointing(model.model)
     model.train()
-    raw_model = model
-    if ctx.world_size > 1:
-        model = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    model = utils.wrap(model, ctx, args.fsdp, dtype)  # DDP or FSDP under torchrun
+    raw_model = utils.unwrap(model)
     optimizer, scheduler = utils.optimizer_and_scheduler(
         raw_model, args.learning_rate, args.weight_decay, args.warmup_ratio, total_steps
     )
-    step = utils.restore_training_state(args.output_dir, optimizer, scheduler) if args.resume else 0
+    step = utils.restore_training_state(args.output_dir, raw_model, optimizer, scheduler) if args.resume else 0
     if args.resume and ctx.is_main:
         utils.trim_metrics(metrics_path, step)  # lines logged after that checkpoint are redone
     if not args.resume and ctx.is_main and os.path.exists(metrics_path):
         os.remove(metrics_path)
 
-    def save():
-        if ctx.is_main:
-            state = utils.training_state(optimizer, scheduler, step, args)
-            utils.save_checkpoint(args.output_dir, raw_model.model, tokenizer, state)
-        utils.barrier()
+    def save():  # on every rank: FSDP gathers the shards
+        state = utils.training_state(raw_model, optimizer, scheduler, step, args)
+        utils.save_checkpoint(args.output_dir, raw_model.model, tokenizer, state)
 
     def evaluate():
         metrics = evaluate_fn(model, eval_pairs, tokenizer.pad_token_id, ctx.device, dtype, args.micro_batch_size, ctx)
@@ -220,13 +221,12 @@ def train(args, make_pairs, loss_fn, evaluate_fn, stage):
         totals = torch.zeros(2, device=ctx.device)  # (loss, accuracy) summed over micro steps
         for micro_step in range(micro_steps):
             chunk = mine[micro_step * args.micro_batch_size : (micro_step + 1) * args.micro_batch_size]
-            if ctx.world_size > 1:  # all-reduce gradients only on the last micro step
-                model.require_backward_grad_sync = micro_step == micro_steps - 1
+            utils.set_gradient_sync(model, micro_step, micro_steps)
             scores_w, scores_l = pair_scores(model, chunk, tokenizer.pad_token_id, ctx.device, dtype)
             signs_w = torch.tensor([p[2] for p in chunk], device=ctx.device, dtype=torch.float)
             signs_l = torch.tensor([p[3] for p in chunk], device=ctx.device, dtype=torch.float)
             loss = loss_fn(scores_w, scores_l, signs_w, signs_l) / micro_steps
-            loss.backward()  # DDP averages over ranks: the gradient is that of the global-batch mean
+            loss.backward()  # DDP and FSDP average over ranks: the gradient is that of the global-batch mean
             totals += torch.stack([loss.detach(), (scores_w > scores_l).float().mean().detach() / micro_steps])
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
         optimizer.step()

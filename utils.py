@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------- distributed
@@ -68,6 +69,103 @@ def all_reduce_sum(tensor):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def wrap(model, ctx, fsdp=False, dtype=torch.float32):
+    """The model as each rank trains it: itself in one process; under torchrun a DDP replica, or with
+    `fsdp` sharded over the ranks (so parameters, gradients and optimizer state take 1/ranks each)."""
+    if ctx.world_size == 1:
+        return model
+    if fsdp:
+        return shard(model, dtype)
+    return DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+
+
+def shard(model, dtype=torch.float32):
+    """PyTorch FSDP (fully_shard): each transformer block is its own unit, gathered just before it runs
+    and freed after; the embeddings, final norm and head form the root unit. Works on frozen models too.
+    With bf16, blocks compute and gather in bf16 while the sharded weights and gradient sums stay fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+    block_names = set((model.model if isinstance(model, ScoreModel) else model)._no_split_modules or [])
+    for block in [module for module in model.modules() if type(module).__name__ in block_names]:
+        fully_shard(block, mp_policy=policy)
+    return fully_shard(model, mp_policy=policy)
+
+
+def is_sharded(model):
+    """True when FSDP holds (part of) the model's weights, e.g. the HF model inside a sharded ScoreModel."""
+    return any(hasattr(parameter, "full_tensor") for parameter in model.parameters())
+
+
+def my_share(n_items, ctx):
+    """Indices of the items this rank evaluates (every world_size-th), padded with -1 so that every rank
+    gets as many: under FSDP each forward pass is a collective, so all ranks must run the same number."""
+    mine = list(range(ctx.rank, n_items, ctx.world_size))
+    return mine + [-1] * (math.ceil(n_items / ctx.world_size) - len(mine))
+
+
+def unwrap(model):
+    """The model inside a DDP wrapper (FSDP shards the model in place: nothing to unwrap)."""
+    return model.module if isinstance(model, DDP) else model
+
+
+def set_gradient_sync(model, micro_step, micro_steps):
+    """DDP all-reduces gradients only after the last micro step of an accumulation. (FSDP reduce-scatters
+    after every one: skipping would keep full-size gradients on every rank, which is what FSDP avoids.)"""
+    if isinstance(model, DDP):
+        model.require_backward_grad_sync = micro_step == micro_steps - 1
+
+
+def full_state_dict(model):
+    """The model's weights as plain CPU tensors on rank 0 (None elsewhere), a tied weight once. FSDP
+    shards are gathered one tensor at a time, so every rank must call this."""
+    keep = not dist.is_initialized() or dist.get_rank() == 0
+    state, seen = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:  # e.g. lm_head.weight tied to the input embeddings
+            continue
+        seen.add(id(tensor))
+        if hasattr(tensor, "full_tensor"):  # a DTensor: this rank's shard
+            tensor = tensor.full_tensor()
+        if keep:
+            state[name] = tensor.detach().cpu()
+    return state if keep else None
+
+
+def optimizer_state(model, optimizer):
+    """optimizer.state_dict(), with FSDP's sharded moments gathered in full on rank 0 (every rank must call
+    this), so the same checkpoint resumes on any number of ranks, with or without FSDP."""
+    state = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: copy, never modify
+    if not is_sharded(model):
+        return state
+    keep = dist.get_rank() == 0
+    gathered = {}
+    for index, moments in state["state"].items():
+        gathered[index] = {}
+        for key, value in moments.items():
+            if hasattr(value, "full_tensor"):  # a DTensor: this rank's shard
+                value = value.full_tensor()
+                value = value.cpu() if keep else None
+            gathered[index][key] = value
+    return {**state, "state": gathered}
+
+
+def load_optimizer_state(model, optimizer, state):
+    """Inverse of optimizer_state: under FSDP each rank keeps its shard of the full moments."""
+    if is_sharded(model):
+        from torch.distributed.tensor import distribute_tensor
+
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        for index, moments in state["state"].items():
+            parameter = parameters[index]
+            for key, value in moments.items():
+                if torch.is_tensor(value) and value.shape == parameter.shape:  # not the scalar `step`
+                    moments[key] = distribute_tensor(
+                        value.to(parameter.device), parameter.device_mesh, parameter.placements
+                    )
+    optimizer.load_state_dict(state)
 
 
 def seed_everything(seed):
@@ -343,14 +441,20 @@ def enable_gradient_checkpointing(model):
 def save_checkpoint(output_dir, model, tokenizer, training_state=None, submodels=None):
     """A Hugging Face checkpoint (safetensors) + tokenizer + optional training state and sub-models
     (e.g. {"reward_critic": model}, each in its own folder), written safely: everything goes to a
-    temporary folder first and is renamed over the old files only once all of it is written."""
+    temporary folder first and is renamed over the old files only once all of it is written.
+
+    Under torchrun every rank calls this (FSDP gathers its shards here); rank 0 writes.
+    """
+    models = {".": model, **(submodels or {})}
+    weights = {name: full_state_dict(m) if is_sharded(m) else None for name, m in models.items()}
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()  # until rank 0 has written
+        return
     os.makedirs(output_dir, exist_ok=True)
     tmp = os.path.join(output_dir, ".tmp_checkpoint")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    for name, submodel in (submodels or {}).items():
-        submodel.save_pretrained(os.path.join(tmp, name))
+    for name, m in models.items():
+        m.save_pretrained(os.path.join(tmp, name), state_dict=weights[name])
         tokenizer.save_pretrained(os.path.join(tmp, name))
     if training_state is not None:
         torch.save(training_state, os.path.join(tmp, "training_state.pt"))
@@ -360,6 +464,7 @@ def save_checkpoint(output_dir, model, tokenizer, training_state=None, submodels
             shutil.rmtree(target)
         os.replace(os.path.join(tmp, name), target)
     os.rmdir(tmp)
+    barrier()
 
 
 def trim_metrics(path, step):
@@ -472,10 +577,10 @@ def global_batch(n_examples, batch_size, seed, step):
     return order[position * batch_size : (position + 1) * batch_size].tolist()
 
 
-def training_state(optimizer, scheduler, step, args):
-    """What --resume needs besides the weights."""
+def training_state(model, optimizer, scheduler, step, args):
+    """What --resume needs besides the weights (every rank calls this: FSDP gathers the optimizer state)."""
     return {
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state(model, optimizer),
         "scheduler": scheduler.state_dict(),
         "step": step,
         "rng": rng_state(),
@@ -483,10 +588,10 @@ def training_state(optimizer, scheduler, step, args):
     }
 
 
-def restore_training_state(output_dir, optimizer, scheduler):
+def restore_training_state(output_dir, model, optimizer, scheduler):
     """Load optimizer, schedule and RNG saved by a previous run; return its step."""
     state = torch.load(os.path.join(output_dir, "training_state.pt"), weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     print0(f"resumed from {output_dir} at step {state['step']}")
@@ -534,7 +639,24 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, gree
     )
     device = next(model.parameters()).device
     input_ids, attention_mask = batch_inputs(prompt_ids, tokenizer.pad_token_id, device, side="left")
-    sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    if not is_sharded(model):
+        sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        return sequences, input_ids.shape[1]
+    # FSDP: every rank runs every step (synced_gpus) since each step gathers weights; the blocks stay
+    # gathered for the whole generation instead of being gathered again for every token.
+    from torch.distributed.fsdp import FSDPModule
+
+    blocks = [module for module in model.modules() if isinstance(module, FSDPModule) and module is not model]
+    for block in blocks:
+        block.set_reshard_after_forward(False, recurse=False)
+    try:
+        sequences = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=True
+        )
+    finally:
+        for block in blocks:
+            block.reshard()
+            block.set_reshard_after_forward(True, recurse=False)
     return sequences, input_ids.shape[1]
 
 

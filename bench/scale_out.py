@@ -1,10 +1,12 @@
-"""Run the stages under torchrun with 1, 2 and 4 ranks (and PPO-Lag with 8) and compare with one process.
+"""Run the stages under torchrun with 1, 2 and 4 ranks (and PPO-Lag with 8), with DDP and with FSDP, and
+compare with one process.
 
     python bench/scale_out.py                 # tiny runs on the toy data, gloo on CPU; prints a table
     python bench/scale_out.py --ranks 1 2 4 8
 
 Each stage trains on a small slice of the toy data with the same global batch for every rank
-count; the logged training losses must match the single-process run (SFT, reward, cost). PPO-Lag
+count, each rank holding a full copy of the model (DDP) or a shard of it (--fsdp); the logged
+training losses must match the single-process run (SFT, reward, cost). PPO-Lag
 samples differently on each rank count, so for it the script checks that the run completes and
 that λ is identical on every rank. Uses the checkpoints of the default pipeline (output/sft).
 """
@@ -56,26 +58,30 @@ def main():
         "train_reward.py": ["--dataset", f"{tmp}/preference_train.jsonl", "--eval_dataset", "none"],
         "train_cost.py": ["--dataset", f"{tmp}/preference_train.jsonl", "--eval_dataset", "none"],
     }
-    print(f"{'stage':<18}{'ranks':>6}{'seconds':>9}{'max |Δ loss| vs 1 rank':>26}")
+    print(f"{'stage':<18}{'ranks':>6}{'mode':>7}{'seconds':>9}{'max |Δ loss| vs 1 rank':>26}")
     for script, flags in stages.items():
         reference = None
         for ranks in args.ranks:
-            output_dir = f"{tmp}/{script}_{ranks}"
-            seconds = run(ranks, script, flags + common + ["--output_dir", output_dir], 29600 + ranks)
-            current = losses(output_dir)
-            reference = reference or current
-            gap = max(abs(a - b) for a, b in zip(current, reference))
-            print(f"{script:<18}{ranks:>6}{seconds:>9.1f}{gap:>26.2e}", flush=True)
-    output_dir = f"{tmp}/ppo_{args.ppo_ranks}"
-    flags = ["--eval_prompts", "none", "--output_dir", output_dir, "--iterations", "3", "--rollout_batch_size", "32"]
-    flags += ["--minibatch_size", "16", "--micro_batch_size", "2"]
-    seconds = run(args.ppo_ranks, "ppo_lagrangian.py", flags, 29700)
-    state = torch.load(os.path.join(output_dir, "training_state.pt"), weights_only=False)
-    same = len(set(state["log_lambda_per_rank"])) == 1
-    print(
-        f"{'ppo_lagrangian.py':<18}{args.ppo_ranks:>6}{seconds:>9.1f}   3 iterations, λ identical on all "
-        f"{len(state['log_lambda_per_rank'])} ranks: {same}"
-    )
+            for mode in ["ddp", "fsdp"] if ranks > 1 else ["single"]:
+                output_dir = f"{tmp}/{script}_{ranks}_{mode}"
+                extra = ["--output_dir", output_dir] + (["--fsdp"] if mode == "fsdp" else [])
+                seconds = run(ranks, script, flags + common + extra, 29600 + ranks)
+                current = losses(output_dir)
+                reference = reference or current
+                gap = max(abs(a - b) for a, b in zip(current, reference))
+                print(f"{script:<18}{ranks:>6}{mode:>7}{seconds:>9.1f}{gap:>26.2e}", flush=True)
+    for mode in ("ddp", "fsdp"):
+        output_dir = f"{tmp}/ppo_{args.ppo_ranks}_{mode}"
+        flags = ["--eval_prompts", "none", "--output_dir", output_dir, "--iterations", "3"]
+        flags += ["--rollout_batch_size", "32", "--minibatch_size", "16", "--micro_batch_size", "2"]
+        seconds = run(args.ppo_ranks, "ppo_lagrangian.py", flags + (["--fsdp"] if mode == "fsdp" else []), 29700)
+        state = torch.load(os.path.join(output_dir, "training_state.pt"), weights_only=False)
+        same = len(set(state["log_lambda_per_rank"])) == 1
+        print(
+            f"{'ppo_lagrangian.py':<18}{args.ppo_ranks:>6}{mode:>7}{seconds:>9.1f}   3 iterations, λ identical on all "
+            f"{len(state['log_lambda_per_rank'])} ranks: {same}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

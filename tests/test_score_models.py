@@ -7,9 +7,6 @@ The backbone is a seeded, randomly initialised toy causal LM saved as a checkpoi
 import json
 import math
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -314,6 +311,20 @@ def test_padding_never_changes_the_end_score(backbone, tokenizer, conversations)
     assert per_token[0, -1].item() == pytest.approx(alone[0].item(), abs=1e-6)
 
 
+def test_each_rank_scores_its_share_and_a_filler_is_dropped(backbone, tokenizer, test_48):
+    # 5 pairs over 2 ranks: rank 1 scores pairs 1 and 3, then a filler so that it runs as many forward
+    # passes as rank 0 (FSDP needs that); the filler's scores go nowhere. (No process group: no all-reduce.)
+    pairs = train_reward.tokenize_pairs(tokenizer, train_reward.reward_pairs(read_rows(test_48)[:5]), 128)
+    model, cpu = utils.load_score_model(backbone, tokenizer), torch.device("cpu")
+    assert utils.my_share(5, utils.Dist(1, 1, 2, cpu, False)) == [1, 3, -1]
+    assert utils.my_share(5, utils.Dist(0, 0, 2, cpu, True)) == [0, 2, 4]
+    whole = train_reward.score_all(model, pairs, 0, cpu, torch.float32, 2, utils.Dist(0, 0, 1, cpu, True))
+    share = train_reward.score_all(model, pairs, 0, cpu, torch.float32, 2, utils.Dist(1, 1, 2, cpu, False))
+    for mine, everything in zip(share, whole):
+        assert torch.allclose(mine[[1, 3]], everything[[1, 3]], atol=1e-5)
+        assert mine[[0, 2, 4]].tolist() == [0.0, 0.0, 0.0] and everything.abs().min() > 0
+
+
 # ----------------------------------------------------------------------------- train_reward end to end
 
 
@@ -439,31 +450,26 @@ def test_cost_figures(cost_run, backbone, train_160, test_48, tmp_path):
     assert is_png(tmp_path / "cost_distribution.png") and not (tmp_path / "reward_vs_cost.png").exists()
 
 
-@pytest.mark.skipif(
-    shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-    reason="torchrun missing",
-)
-def test_cost_torchrun_two_ranks_matches_one_process(backbone, train_160, test_48, tmp_path):
-    # Same global batch (16): one process with 2 micro steps of 8 vs two ranks with one micro step of 8.
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_cost_torchrun_two_ranks_matches_one_process(sharding, backbone, train_160, test_48, tmp_path, torchrun):
+    # Same global batch (16): one process with 2 micro steps of 8 vs two ranks with one micro step of 8,
+    # each rank holding a replica (DDP) or half of every weight and moment (FSDP).
     single = small_args(train_cost.Args, backbone, train_160, test_48, tmp_path / "single", micro_batch_size=8)
     train_cost.main(single)
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     flags = dict(
         model_name_or_path=backbone,
         dataset=train_160,
         eval_dataset=test_48,
-        output_dir=tmp_path / "ddp",
+        output_dir=tmp_path / "two",
         reward_model=tmp_path / "no_such_reward_model",
         epochs=1,
         batch_size=16,
         micro_batch_size=8,
         log_every=1,
+        fsdp=sharding == "fsdp",
     )
-    command = [torchrun, "--nproc_per_node=2", "--master_port=29533", "train_cost.py"]
-    command += [item for name, value in flags.items() for item in (f"--{name}", str(value))]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    one, two = tmp_path / "single", tmp_path / "ddp"
+    torchrun("train_cost.py", 29533, flags)
+    one, two = tmp_path / "single", tmp_path / "two"
     kept = len(train_cost.cost_pairs(read_rows(train_160)))  # the contradictory rows are skipped
     assert len(read_metrics(two)) == len(read_metrics(one)) == kept // 16
     assert [r["loss"] for r in read_metrics(two)] == pytest.approx([r["loss"] for r in read_metrics(one)], rel=1e-4)

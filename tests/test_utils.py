@@ -1,5 +1,7 @@
 """Tests of the shared plumbing: template and masking, data contract errors, statistics, saving."""
 
+import dataclasses
+import importlib
 import json
 import math
 import os
@@ -251,3 +253,14 @@ def test_every_flag_is_documented_with_its_default(capsys):
         assert f"(default: {value})" in help_text
     args = utils.parse_args(sft.Args, ["--resume", "--epochs", "2", "--gradient_checkpointing", "false"])
     assert args.resume is True and args.epochs == 2 and args.gradient_checkpointing is False
+
+
+@pytest.mark.parametrize("stage", ["sft", "train_reward", "train_cost", "ppo_lagrangian"])
+def test_no_flag_is_swallowed_by_torchrun(stage):
+    """torchrun expands abbreviations of its own options even after the script's name, so a flag that
+    starts one of them (--nu for --numa-binding) would stop `torchrun ... stage.py --flag` with an error."""
+    from torch.distributed.run import get_args_parser
+
+    options = [o for action in get_args_parser()._actions for o in action.option_strings if o.startswith("--")]
+    for field in dataclasses.fields(importlib.import_module(stage).Args):
+        assert not any(option.startswith(f"--{field.name}") for option in options), field.name
