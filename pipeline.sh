@@ -42,5 +42,11 @@ else
     echo $runs | tr ' ' '\n' | xargs -P 2 -I {} bash -c 'rl_run {}'
 fi
 step "5. evaluation"
-$PYTHON evaluate.py --arena ppo_lag sft
+# The policies of this run only (not, say, a reward_shaping_3.0 left in output/ by an earlier one).
+models="sft=output/sft ppo_lag=output/ppo_lag"
+if [ "${1:-}" != "--quick" ]; then
+    models="$models ppo=output/ppo"
+    for nu in $NUS; do models="$models reward_shaping_$nu=output/reward_shaping_$nu"; done
+fi
+$PYTHON evaluate.py --models $models --arena ppo_lag sft
 printf '\npipeline done in %ds; figures and tables in output/eval/\n' $((SECONDS - started))

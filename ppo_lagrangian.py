@@ -219,8 +219,8 @@ def actor_forward(model, sequences, attention_mask, prompt_length):
         attention_mask=attention_mask,
         position_ids=utils.position_ids(attention_mask),
         logits_to_keep=n_response + 1,
-    ).logits  # positions prompt_length - 1 .. end
-    return logits[:, :-1]  # (B, N, V), aligned with sequences[:, prompt_length:]
+    ).logits  # positions prompt_length - 1 .. end (all positions for a model that ignores logits_to_keep)
+    return logits[:, -(n_response + 1) : -1]  # (B, N, V), aligned with sequences[:, prompt_length:]
 
 
 def critic_values(critic, sequences, attention_mask, prompt_length):
@@ -398,16 +398,17 @@ def main(args):
         ptx_examples = sft.make_examples(tokenizer, utils.load_rows(args.ptx_dataset, "sft"), max_length)
 
     # ------------------------------------------------------------------ models
+    # With --fsdp each model is sharded as soon as it is loaded: no GPU ever holds more than one whole model.
     def frozen(model):
         utils.disable_dropout(model)
-        model = model.to(ctx.device, dtype).eval().requires_grad_(False)
-        return utils.shard(model, dtype) if args.fsdp and ctx.world_size > 1 else model
+        model = model.to(dtype).eval().requires_grad_(False)
+        return utils.shard(model, dtype) if args.fsdp and ctx.world_size > 1 else model.to(ctx.device)
 
     def trainable(model):
         utils.disable_dropout(model)
         if args.gradient_checkpointing:
             utils.enable_gradient_checkpointing(model.model if isinstance(model, utils.ScoreModel) else model)
-        return model.to(ctx.device)
+        return utils.wrap(model, ctx, args.fsdp, dtype)  # on the device; DDP or FSDP under torchrun
 
     def critic(name, default):
         """A critic reads the actor's tokens, so it needs the actor's tokenizer (the scorers need not)."""
@@ -416,18 +417,23 @@ def main(args):
             raise ValueError(f"{path} does not share the actor's tokenizer: pass --{name}_model (e.g. the SFT model)")
         return trainable(utils.load_score_model(path, tokenizer))
 
-    actor = trainable(utils.load_causal_lm(output_dir if args.resume else args.actor_model_name_or_path, tokenizer))
+    wrapped = {
+        "actor": trainable(
+            utils.load_causal_lm(output_dir if args.resume else args.actor_model_name_or_path, tokenizer)
+        )
+    }
     reference = frozen(utils.load_causal_lm(args.actor_model_name_or_path, tokenizer))
     reward_tokenizer = utils.load_tokenizer(args.reward_model)
     reward_model = (frozen(utils.load_score_model(args.reward_model, reward_tokenizer)), reward_tokenizer)
-    trained = {"actor": actor, "reward_critic": critic("reward_critic", args.reward_model)}
+    wrapped["reward_critic"] = critic("reward_critic", args.reward_model)
     cost_model = None
     if args.algorithm != "ppo":
         cost_tokenizer = utils.load_tokenizer(args.cost_model)
         cost_model = (frozen(utils.load_score_model(args.cost_model, cost_tokenizer)), cost_tokenizer)
     if lagrangian:
-        trained["cost_critic"] = critic("cost_critic", args.cost_model)
-    wrapped = {name: utils.wrap(model, ctx, args.fsdp, dtype) for name, model in trained.items()}  # DDP or FSDP
+        wrapped["cost_critic"] = critic("cost_critic", args.cost_model)
+    trained = {name: utils.unwrap(model) for name, model in wrapped.items()}  # without DDP's wrapper
+    actor = trained["actor"]
     optimizers = {
         name: torch.optim.AdamW(
             model.parameters(), lr=args.actor_lr if name == "actor" else args.critic_lr, weight_decay=args.weight_decay
@@ -440,7 +446,7 @@ def main(args):
     episode_costs = deque(maxlen=max(1, args.episode_cost_window // ctx.world_size))
     iteration = 0
     if args.resume:
-        state = torch.load(os.path.join(output_dir, "training_state.pt"), weights_only=False)
+        state = utils.load_training_state(output_dir)
         for name, optimizer in optimizers.items():
             utils.load_optimizer_state(trained[name], optimizer, state["optimizers"][name])
         log_lambda, iteration = state["log_lambda"], state["iteration"]

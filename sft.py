@@ -176,11 +176,11 @@ def main(args):
 
     # ------------------------------------------------------------------ model and optimizer
     source = args.output_dir if args.resume else args.model_name_or_path
-    model = utils.load_causal_lm(source, tokenizer).to(ctx.device)
+    model = utils.load_causal_lm(source, tokenizer)
     if args.gradient_checkpointing:
         utils.enable_gradient_checkpointing(model)
     model.train()
-    model = utils.wrap(model, ctx, args.fsdp, dtype)  # DDP or FSDP under torchrun
+    model = utils.wrap(model, ctx, args.fsdp, dtype)  # on the device; DDP or FSDP under torchrun
     raw_model = utils.unwrap(model)
     optimizer, scheduler = utils.optimizer_and_scheduler(
         raw_model, args.learning_rate, args.weight_decay, args.warmup_ratio, total_steps

@@ -7,6 +7,7 @@ tokenisation and padding, model loading and saving, masked statistics, generatio
 import argparse
 import ast
 import dataclasses
+import datetime
 import inspect
 import json
 import math
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -41,13 +44,14 @@ def setup_distributed():
         return Dist(0, 0, 1, device, True)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
+    timeout = datetime.timedelta(minutes=30)  # rank 0 alone writes a checkpoint while the others wait
     if torch.cuda.is_available():
         device = torch.device(f"cuda:{local_rank}")
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     # CPU ranks share the machine's cores.
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
@@ -72,21 +76,22 @@ def barrier():
 
 
 def wrap(model, ctx, fsdp=False, dtype=torch.float32):
-    """The model as each rank trains it: itself in one process; under torchrun a DDP replica, or with
-    `fsdp` sharded over the ranks (so parameters, gradients and optimizer state take 1/ranks each)."""
+    """The model on this rank's device as each rank trains it: itself in one process; under torchrun a
+    DDP replica, or with `fsdp` sharded over the ranks (parameters, gradients and optimizer state take
+    1/ranks each). Pass the model still on the CPU: FSDP moves it to the GPU one shard at a time."""
+    if ctx.world_size > 1 and fsdp:
+        return shard(model, dtype)
+    model = model.to(ctx.device)
     if ctx.world_size == 1:
         return model
-    if fsdp:
-        return shard(model, dtype)
     return DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
 
 
 def shard(model, dtype=torch.float32):
     """PyTorch FSDP (fully_shard): each transformer block is its own unit, gathered just before it runs
-    and freed after; the embeddings, final norm and head form the root unit. Works on frozen models too.
-    With bf16, blocks compute and gather in bf16 while the sharded weights and gradient sums stay fp32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
+    (the next one is prefetched) and freed after; the embeddings, final norm and head form the root
+    unit. Moves the model to this rank's GPU, if any. Works on frozen models too. With bf16 the units
+    are gathered and computed in bf16 while the sharded weights and the gradient sums stay fp32."""
     policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
     block_names = set((model.model if isinstance(model, ScoreModel) else model)._no_split_modules or [])
     for block in [module for module in model.modules() if type(module).__name__ in block_names]:
@@ -96,7 +101,9 @@ def shard(model, dtype=torch.float32):
 
 def is_sharded(model):
     """True when FSDP holds (part of) the model's weights, e.g. the HF model inside a sharded ScoreModel."""
-    return any(hasattr(parameter, "full_tensor") for parameter in model.parameters())
+    return any(isinstance(m, FSDPModule) for m in model.modules()) or any(
+        hasattr(parameter, "full_tensor") for parameter in model.parameters()
+    )
 
 
 def my_share(n_items, ctx):
@@ -155,8 +162,6 @@ def optimizer_state(model, optimizer):
 def load_optimizer_state(model, optimizer, state):
     """Inverse of optimizer_state: under FSDP each rank keeps its shard of the full moments."""
     if is_sharded(model):
-        from torch.distributed.tensor import distribute_tensor
-
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
         for index, moments in state["state"].items():
             parameter = parameters[index]
@@ -177,7 +182,7 @@ def seed_everything(seed):
 def rng_state():
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's GPU only: resumable on fewer GPUs
     return state
 
 
@@ -186,7 +191,7 @@ def set_rng_state(state):
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def resolve_dtype(name, device):
@@ -588,9 +593,14 @@ def training_state(model, optimizer, scheduler, step, args):
     }
 
 
+def load_training_state(output_dir):
+    """training_state.pt, memory-mapped: the ranks of a node share its pages instead of a copy each."""
+    return torch.load(os.path.join(output_dir, "training_state.pt"), weights_only=False, mmap=True)
+
+
 def restore_training_state(output_dir, model, optimizer, scheduler):
     """Load optimizer, schedule and RNG saved by a previous run; return its step."""
-    state = torch.load(os.path.join(output_dir, "training_state.pt"), weights_only=False)
+    state = load_training_state(output_dir)
     load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
@@ -642,10 +652,8 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, gree
     if not is_sharded(model):
         sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         return sequences, input_ids.shape[1]
-    # FSDP: every rank runs every step (synced_gpus) since each step gathers weights; the blocks stay
+    # FSDP: every rank runs every step (synced_gpus) since a step may gather weights; the blocks stay
     # gathered for the whole generation instead of being gathered again for every token.
-    from torch.distributed.fsdp import FSDPModule
-
     blocks = [module for module in model.modules() if isinstance(module, FSDPModule) and module is not model]
     for block in blocks:
         block.set_reshard_after_forward(False, recurse=False)

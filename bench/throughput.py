@@ -121,6 +121,8 @@ def bench_ppo(args, tokenizer, device, dtype):
     batch, prompt_length = rollouts[-1]
     rows = list(range(args.batch_size))
     n_tokens = batch["mask"].sum()
+    for model in trained.values():
+        model.train()  # the rollout left the actor in eval mode, where checkpointing is off
 
     def update():
         ppo_lagrangian.ppo_update(ppo_args, trained, batch, [rows], prompt_length, 0.5, [], n_tokens, dtype)

@@ -288,6 +288,7 @@ def test_torchrun_two_ranks_ddp_and_fsdp_agree_and_keep_the_same_lambda(tiny_mod
     prompts = tmp_path / "prompts_6.jsonl"
     prompts.write_text("".join(open("toy_world/data/prompts_eval.jsonl").readlines()[::12]))
     changes = dict(eval_prompts=str(prompts), lambda_lr=0.5, threshold=-100, lambda_init=0.5, save_every=1)
+    changes.update(gradient_checkpointing=True, ptx_coef=1.0)  # both with FSDP too
     torchrun("ppo_lagrangian.py", 29535, vars(tiny_args(tiny_models, tmp_path / "ddp", **changes)))
     fsdp = vars(tiny_args(tiny_models, tmp_path / "fsdp", fsdp=True, **changes))
     torchrun("ppo_lagrangian.py", 29535, dict(fsdp, iterations=2))
@@ -300,7 +301,7 @@ def test_torchrun_two_ranks_ddp_and_fsdp_agree_and_keep_the_same_lambda(tiny_mod
     ddp, fsdp = read(tmp_path / "ddp"), read(tmp_path / "fsdp")
     assert [r["step"] for r in fsdp] == [r["step"] for r in ddp] == [1, 2, 3]
     for a, b in zip(ddp, fsdp):
-        for key in ("reward", "cost", "kl", "lambda", "actor_loss", "reward_value_loss", "cost_value_loss"):
+        for key in ("reward", "cost", "kl", "lambda", "actor_loss", "reward_value_loss", "cost_value_loss", "ptx_loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     judged = [read(tmp_path / run, "eval")[-1] for run in ("ddp", "fsdp")]
     assert judged[0] == judged[1] and judged[0]["step"] == 3

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -91,8 +92,8 @@ def test_torchrun_two_ranks_matches_one_process(small_data, tmp_path, torchrun):
 
 def test_fsdp_two_ranks_match_one_process_and_resume(small_data, tmp_path, torchrun):
     """--fsdp shards weights, gradients and Adam moments over the ranks; the run must be the same as one
-    process. It stops after 5 steps and resumes (moments gathered to the checkpoint, then sharded again),
-    evaluates 17 conversations (ranks get 9 and 8: a filler keeps their forward passes in step) and
+    process. It stops after 5 steps and resumes, with FSDP (moments gathered to the checkpoint, then
+    sharded again) and also in one process (the checkpoint does not depend on the sharding); it evaluates 17 conversations (ranks get 9 and 8: a filler keeps their forward passes in step) and
     answers prompts greedily on both ranks (generation with sharded weights)."""
     eval_17, prompts_6 = tmp_path / "eval_17.jsonl", tmp_path / "prompts_6.jsonl"
     eval_17.write_text("".join(open("toy_world/data/sft_test.jsonl").readlines()[:17]))
@@ -102,7 +103,9 @@ def test_fsdp_two_ranks_match_one_process_and_resume(small_data, tmp_path, torch
     flags = dict(vars(small_args(small_data, tmp_path / "fsdp", **changes)), micro_batch_size=8, fsdp=True)
     torchrun("sft.py", 29536, dict(flags, max_steps=5))
     assert torch.load(tmp_path / "fsdp" / "training_state.pt", weights_only=False)["step"] == 5
+    shutil.copytree(tmp_path / "fsdp", tmp_path / "fsdp_then_one")
     torchrun("sft.py", 29536, dict(flags, resume=True))
+    sft.main(small_args(small_data, tmp_path / "fsdp_then_one", resume=True, **changes))
     one, two = tmp_path / "single", tmp_path / "fsdp"
     assert [r["loss"] for r in read_metrics(two)] == pytest.approx([r["loss"] for r in read_metrics(one)], rel=1e-4)
     evals_one = read_metrics(one, "eval")
@@ -113,6 +116,7 @@ def test_fsdp_two_ranks_match_one_process_and_resume(small_data, tmp_path, torch
             {k: v for k, v in a.items() if k != "split"}, rel=1e-4
         )
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
-    assert a.keys() == b.keys()
+    c = load_file(tmp_path / "fsdp_then_one" / "model.safetensors")
+    assert a.keys() == b.keys() == c.keys()
     for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-5), name
+        assert torch.allclose(a[name], b[name], atol=1e-5) and torch.allclose(a[name], c[name], atol=1e-5), name
