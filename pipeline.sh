@@ -20,13 +20,14 @@ $PYTHON train_reward.py
 step "3. cost model"
 $PYTHON train_cost.py
 
+runs="ppo_lag"  # the RL runs: "ppo_lag", "ppo" or "reward_shaping:<ν>"
 if [ "${1:-}" = "--quick" ]; then
     step "4. PPO-Lagrangian"
     $PYTHON ppo_lagrangian.py
 else
     step "4. PPO-Lagrangian, PPO, and reward shaping with ν in $NUS (two runs at a time)"
     mkdir -p output/logs
-    runs="ppo_lag ppo"
+    runs="$runs ppo"
     for nu in $NUS; do runs="$runs reward_shaping:$nu"; done
     # One RL run: "ppo_lag", "ppo" or "reward_shaping:<ν>"; prints its judge line when it ends.
     rl_run() {
@@ -43,10 +44,7 @@ else
 fi
 step "5. evaluation"
 # The policies of this run only (not, say, a reward_shaping_3.0 left in output/ by an earlier one).
-models="sft=output/sft ppo_lag=output/ppo_lag"
-if [ "${1:-}" != "--quick" ]; then
-    models="$models ppo=output/ppo"
-    for nu in $NUS; do models="$models reward_shaping_$nu=output/reward_shaping_$nu"; done
-fi
+models="sft=output/sft"
+for run in $runs; do models="$models ${run/:/_}=output/${run/:/_}"; done
 $PYTHON evaluate.py --models $models --arena ppo_lag sft
 printf '\npipeline done in %ds; figures and tables in output/eval/\n' $((SECONDS - started))

@@ -116,17 +116,23 @@ def plot_figures(args, cost_model, tokenizer):
     cost_model.eval()
     costs = utils.score_texts(cost_model, tokenizer, prompts, responses, args.max_length, args.max_length).cpu()
 
+    written = []
+
+    def save(figure, axis, name, title, ylabel):
+        """Both figures: the C = 0 line, labels, legend, then the PNG next to the checkpoint."""
+        axis.axvline(0, color="black", linestyle="--", linewidth=1)
+        axis.set(xlabel="cost C(y, x)", ylabel=ylabel, title=title)
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(os.path.join(args.output_dir, name), dpi=120)
+        plt.close(figure)
+        written.append(name)
+
     figure, axis = plt.subplots(figsize=(6, 4))
     bins = torch.linspace(costs.min().item(), costs.max().item(), 40).tolist()
     axis.hist(costs[safe].tolist(), bins=bins, alpha=0.6, color="tab:blue", label="safe")
     axis.hist(costs[~safe].tolist(), bins=bins, alpha=0.6, color="tab:red", label="unsafe")
-    axis.axvline(0, color="black", linestyle="--", linewidth=1)
-    axis.set(xlabel="cost C(y, x)", ylabel="test responses", title="Cost distribution (C > 0: unsafe)")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(os.path.join(args.output_dir, "cost_distribution.png"), dpi=120)
-    plt.close(figure)
-    written = ["cost_distribution.png"]
+    save(figure, axis, "cost_distribution.png", "Cost distribution (C > 0: unsafe)", "test responses")
 
     if os.path.isdir(args.reward_model):
         reward_tokenizer = utils.load_tokenizer(args.reward_model)
@@ -138,13 +144,7 @@ def plot_figures(args, cost_model, tokenizer):
         figure, axis = plt.subplots(figsize=(5.5, 4.5))
         axis.scatter(costs[safe], rewards[safe], s=8, alpha=0.6, color="tab:blue", label="safe")
         axis.scatter(costs[~safe], rewards[~safe], s=8, alpha=0.6, color="tab:red", label="unsafe")
-        axis.axvline(0, color="black", linestyle="--", linewidth=1)
-        axis.set(xlabel="cost C(y, x)", ylabel="reward R(y, x)", title="Reward vs. cost of test responses")
-        axis.legend()
-        figure.tight_layout()
-        figure.savefig(os.path.join(args.output_dir, "reward_vs_cost.png"), dpi=120)
-        plt.close(figure)
-        written.append("reward_vs_cost.png")
+        save(figure, axis, "reward_vs_cost.png", "Reward vs. cost of test responses", "reward R(y, x)")
     utils.print0(f"figures: {', '.join(os.path.join(args.output_dir, f) for f in written)}")
 
 

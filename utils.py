@@ -649,17 +649,14 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, gree
     )
     device = next(model.parameters()).device
     input_ids, attention_mask = batch_inputs(prompt_ids, tokenizer.pad_token_id, device, side="left")
-    if not is_sharded(model):
-        sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-        return sequences, input_ids.shape[1]
-    # FSDP: every rank runs every step (synced_gpus) since a step may gather weights; the blocks stay
-    # gathered for the whole generation instead of being gathered again for every token.
+    # Under FSDP every rank runs every step (synced_gpus) since a step may gather weights, and the blocks
+    # stay gathered for the whole generation instead of being gathered again for every token.
     blocks = [module for module in model.modules() if isinstance(module, FSDPModule) and module is not model]
     for block in blocks:
         block.set_reshard_after_forward(False, recurse=False)
     try:
         sequences = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=True
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=is_sharded(model)
         )
     finally:
         for block in blocks:

@@ -48,24 +48,27 @@ def data(tmp_path_factory):
     return root
 
 
+def sft_args(tmp_path, data, **changes):
+    """One epoch of SFT on 64 toy conversations (4 steps of 16) from the model folder tmp_path/base."""
+    defaults = dict(
+        model_name_or_path=str(tmp_path / "base"),
+        dataset=str(data / "sft_train.jsonl"),
+        eval_dataset="none",
+        sample_prompts="none",
+        output_dir=str(tmp_path / "sft"),
+        epochs=1,
+        batch_size=16,
+        micro_batch_size=8,
+        log_every=1,
+    )
+    return sft.Args(**{**defaults, **changes})
+
+
 @pytest.mark.parametrize("architecture", list(CONFIGS))
 def test_every_stage_runs_on(architecture, data, tmp_path):
     tokenizer = utils.load_tokenizer("toy_world/model")
     write_model_folder(tmp_path / "base", CONFIGS[architecture](), tokenizer)
-    sft.main(
-        sft.Args(
-            model_name_or_path=str(tmp_path / "base"),
-            dataset=str(data / "sft_train.jsonl"),
-            eval_dataset="none",
-            sample_prompts="none",
-            output_dir=str(tmp_path / "sft"),
-            epochs=1,
-            batch_size=16,
-            micro_batch_size=8,
-            gradient_checkpointing=True,
-            log_every=1,
-        )
-    )
+    sft.main(sft_args(tmp_path, data, gradient_checkpointing=True))
     for stage in ("reward", "cost"):
         train_reward.main(
             train_reward.Args(
@@ -143,18 +146,7 @@ def test_fsdp_matches_one_process_on(architecture, data, tmp_path, torchrun):
     write_model_folder(tmp_path / "base", config, tokenizer)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(open("toy_world/data/prompts_eval.jsonl").readlines()[::24]))
-    args = sft.Args(
-        model_name_or_path=str(tmp_path / "base"),
-        dataset=str(data / "sft_train.jsonl"),
-        eval_dataset="none",
-        sample_prompts=str(prompts),
-        output_dir=str(tmp_path / "single"),
-        epochs=1,
-        batch_size=16,
-        micro_batch_size=8,
-        max_length=32,
-        log_every=1,
-    )
+    args = sft_args(tmp_path, data, sample_prompts=str(prompts), output_dir=str(tmp_path / "single"), max_length=32)
     sft.main(args)
     torchrun(
         "sft.py", 29540 + list(CONFIGS).index(architecture), vars(args) | dict(output_dir=tmp_path / "fsdp", fsdp=True)

@@ -103,7 +103,7 @@ class AlwaysRefuses(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.answer = tokenizer(world.refusal(0), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
-    def generate(self, input_ids, attention_mask, generation_config):
+    def generate(self, input_ids, attention_mask, generation_config, **kwargs):  # as HF generate, e.g. synced_gpus
         answer = torch.tensor(self.answer).expand(input_ids.size(0), -1)
         return torch.cat([input_ids, answer], dim=1)
 
