@@ -59,7 +59,12 @@ def setup_distributed():
 
 
 def cleanup_distributed():
+    """Leave the process group together. The barrier is also a guard: after a collective on a Python
+    tensor, gloo's worker thread must take the GIL to drop its reference to it; if the interpreter is
+    already shutting down (under FSDP the group lives on until exit), that kills the thread and aborts
+    a finished run ("terminate called without an active exception"). The barrier lets it finish."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -96,7 +101,12 @@ def shard(model, dtype=torch.float32):
     block_names = set((model.model if isinstance(model, ScoreModel) else model)._no_split_modules or [])
     for block in [module for module in model.modules() if type(module).__name__ in block_names]:
         fully_shard(block, mp_policy=policy)
-    return fully_shard(model, mp_policy=policy)
+    model = fully_shard(model, mp_policy=policy)
+    if not any(parameter.requires_grad for parameter in model.parameters()):
+        # FSDP keeps the root unit gathered after forward, for the backward that follows; a frozen
+        # model has none, so free it like the blocks (the embeddings and head of a 7B model are ~0.5 GB).
+        model.set_reshard_after_forward(True, recurse=False)
+    return model
 
 
 def is_sharded(model):

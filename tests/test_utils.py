@@ -264,3 +264,33 @@ def test_no_flag_is_swallowed_by_torchrun(stage):
     options = [o for action in get_args_parser()._actions for o in action.option_strings if o.startswith("--")]
     for field in dataclasses.fields(importlib.import_module(stage).Args):
         assert not any(option.startswith(f"--{field.name}") for option in options), field.name
+
+
+FSDP_PROBE = """
+import sys
+sys.path.insert(0, {repo!r})
+import torch
+from torch.distributed.tensor import DTensor
+import utils
+
+ctx = utils.setup_distributed()
+tokenizer = utils.load_tokenizer("toy_world/model")
+frozen = utils.shard(utils.load_causal_lm("toy_world/model", tokenizer).requires_grad_(False))
+trained = utils.shard(utils.load_causal_lm("toy_world/model", tokenizer))
+ids = torch.tensor([[5, 6, 7]])
+with torch.no_grad():
+    frozen(input_ids=ids), trained(input_ids=ids)
+sharded = isinstance(frozen.lm_head.weight, DTensor), isinstance(trained.lm_head.weight, DTensor)
+sys.stdout.write(f"rank {{ctx.rank}}: head sharded after forward: {{sharded}}\\n")  # one write: lines stay whole
+utils.cleanup_distributed()
+"""
+
+
+def test_a_frozen_sharded_model_frees_its_root_after_forward(tmp_path, torchrun):
+    """FSDP keeps the root unit (embeddings, head) gathered after forward for the backward to come;
+    a frozen model never runs one, so it gives its gathered root back like its blocks."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(FSDP_PROBE.format(repo=os.getcwd()))
+    result = torchrun(str(probe), 29537, {})
+    for rank in (0, 1):
+        assert f"rank {rank}: head sharded after forward: (True, False)" in result.stdout
