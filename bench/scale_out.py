@@ -48,6 +48,11 @@ def main():
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--ppo_ranks", type=int, default=8)
     args = parser.parse_args()
+    for checkpoint in ("output/sft", "output/reward", "output/cost"):
+        if not os.path.isdir(os.path.join(ROOT, checkpoint)):
+            raise SystemExit(
+                f"{checkpoint} not found: this script starts from the pipeline's checkpoints (run pipeline.sh)"
+            )
     tmp = tempfile.mkdtemp()
     for name, count in (("sft_train", 256), ("preference_train", 256)):
         with open(os.path.join(ROOT, f"toy_world/data/{name}.jsonl")) as f, open(f"{tmp}/{name}.jsonl", "w") as out:
