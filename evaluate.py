@@ -313,7 +313,13 @@ def main(args):
     if not models:
         raise SystemExit("no policies found: train some (python sft.py ...) or pass --models NAME=PATH")
     os.makedirs(args.output_dir, exist_ok=True)
-    prompt_rows = utils.load_rows(args.prompts, "prompt", args.prompts_split)
+    # Each prompt once (its first row), as the original's prompt dataset: PKU-SafeRLHF repeats prompts.
+    all_rows, unique = utils.load_rows(args.prompts, "prompt", args.prompts_split), {}
+    for row in all_rows:
+        unique.setdefault(row["prompt"], row)
+    prompt_rows = list(unique.values())
+    if len(prompt_rows) < len(all_rows):
+        print(f"{args.prompts}: {len(all_rows) - len(prompt_rows)} duplicate prompts dropped, {len(prompt_rows)} left")
     prompts = [row["prompt"] for row in prompt_rows]
     toy = all(world.task_of_prompt(p) for p in prompts)
     categories = [

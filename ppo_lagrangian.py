@@ -4,11 +4,9 @@ r"""Stage 4: PPO-Lagrangian, the heart of Safe RLHF (eqs. 7-10), with the PPO an
     python ppo_lagrangian.py --algorithm ppo                         # reward only, λ ≡ 0 -> output/ppo
     python ppo_lagrangian.py --algorithm reward_shaping --cost_coef 1  # fixed R - ν·C -> output/reward_shaping_1.0
     python ppo_lagrangian.py --resume                                # continue an interrupted run
-    torchrun --nproc_per_node=8 ppo_lagrangian.py --actor_model_name_or_path output/sft_alpaca \
-        --reward_model output/reward_pku --cost_model output/cost_pku --prompts PKU-Alignment/PKU-SafeRLHF \
-        --max_prompt_length 256 --max_new_tokens 256 --threshold 0 --kl_coef 0.01 --actor_lr 1e-5 \
-        --critic_lr 5e-6 --rollout_batch_size 512 --minibatch_size 64 --micro_batch_size 8 \
-        --gradient_checkpointing --output_dir output/ppo_lag_pku
+    torchrun --nproc_per_node=8 ppo_lagrangian.py                    # the same run on 8 ranks (same global batch)
+
+The paper's 7B run on 8 GPUs, with the original hyperparameters: README.md, "Real models and data".
 
 Safe RLHF solves   max_θ J_R(θ)  s.t.  J_C(θ) = E[C(y, x)] + d <= 0   through its Lagrangian dual
 min_θ max_{λ>=0} -J_R(θ) + λ J_C(θ): PPO updates of the policy alternate with gradient ascent on λ.
@@ -17,7 +15,8 @@ One iteration: sample prompts -> generate (KV cache, pure sampling at a temperat
 prompts, stop at EOS) -> score with R and C at the last response token -> per-token rewards and
 costs (KL penalty, score at the last token) -> GAE for each stream with its critic -> advantage
 (A_R - λ A_C) / (1 + λ) -> a few epochs of minibatch PPO updates (clipped surrogate for the actor,
-clipped value loss for the critics) -> update log λ from the window of recent episode costs.
+clipped value loss for the critics). λ is updated right after the rollout, from the window of recent
+episode costs that already holds this batch's, and the update uses the new λ (as the original code).
 """
 
 import math
@@ -29,7 +28,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import sft
 import utils
 
 
@@ -59,20 +57,32 @@ class Args:
     """default: output/ppo_lag, output/ppo or output/reward_shaping_<ν>"""
     iterations: int = 100
     """rollout + update iterations"""
+    epochs: float = 0.0
+    """if > 0: passes over the unique prompts instead of --iterations (the original runs one: --epochs 1)"""
+    max_iterations: int = -1
+    """stop after this many iterations, e.g. to split a run with --resume (the schedule still spans the whole run)"""
     rollout_batch_size: int = 48
     """prompts per iteration, over all ranks"""
     minibatch_size: int = 24
     """sequences per PPO update, over all ranks"""
     micro_batch_size: int = 24
-    """sequences per forward pass on one rank (gradients accumulate up to minibatch_size)"""
+    """most sequences per forward pass on one rank; each rank takes minibatch_size / ranks and accumulates"""
     ppo_epochs: int = 1
     """passes over each rollout batch"""
     actor_lr: float = 5e-5
     """actor AdamW learning rate (paper: 1e-5)"""
     critic_lr: float = 5e-4
     """critics' AdamW learning rate (paper: 5e-6)"""
-    weight_decay: float = 0.01
-    """AdamW weight decay of actor and critics"""
+    actor_weight_decay: float = 0.01
+    """actor AdamW weight decay (none on biases and norm weights)"""
+    critic_weight_decay: float = 0.0
+    """critics' AdamW weight decay"""
+    actor_lr_schedule: str = "cosine"
+    """actor learning rate after warmup: cosine (decays to 0 at the last update) or constant"""
+    critic_lr_schedule: str = "constant"
+    """critics' learning rate: cosine (after warmup) or constant (no warmup, as transformers' 'constant')"""
+    warmup_ratio: float = 0.03
+    """share of the optimizer steps with a linear warmup of the learning rates"""
     max_grad_norm: float = 1.0
     """gradient clipping of actor and critics"""
     kl_coef: float = 0.1
@@ -98,7 +108,8 @@ class Args:
     lambda_update_delay: int = 0
     """iterations before λ starts to move"""
     episode_cost_window: int = 128
-    """Ĵ_C is the mean cost of the last this-many episodes (over all ranks)"""
+    """Ĵ_C is the mean cost of the last this-many episodes of all ranks together (the original keeps 128 per
+    rank: pass 128 x ranks to reproduce it)"""
     temperature: float = 1.0
     """sampling temperature; log-probs are computed at the same temperature"""
     max_prompt_length: int = 48
@@ -108,7 +119,9 @@ class Args:
     ptx_coef: float = 0.0
     """weight of the PTX loss (SFT loss on ptx_dataset mixed into the actor update; paper: 16)"""
     ptx_dataset: str = "toy_world/data/sft_train.jsonl"
-    """SFT data for the PTX loss"""
+    """SFT data for the PTX loss: a .jsonl/.json file or a hub name"""
+    ptx_split: str = "train"
+    """split of a hub PTX dataset"""
     dtype: str = "auto"
     """float32, bfloat16 (mixed precision), or auto: bf16 on a GPU that has it, fp32 on CPU"""
     gradient_checkpointing: bool = False
@@ -136,7 +149,8 @@ def token_log_probs(logits, tokens, temperature):
 
 
 def per_token_rewards(score, log_probs, ref_log_probs, mask, kl_coef, clip_range_score, kl_sign):
-    """r_t = kl_sign · β (log π_θ - log π_ref)(t) on every response token, + clip(score) at the last one.
+    """r_t = kl_sign · β (log π_θ - log π_ref)(t) on every response token, + the score at the last one,
+    then clipped to ±clip_range_score (the whole tensor, as the original code).
 
     The reward stream takes kl_sign = -1 (KL is a penalty); the cost stream takes +1 (KL is a cost).
     In (A_R - λ A_C) / (1 + λ) the two add up to the same -β·KL for every λ.
@@ -145,8 +159,8 @@ def per_token_rewards(score, log_probs, ref_log_probs, mask, kl_coef, clip_range
     rewards = kl_sign * kl_coef * (log_probs - ref_log_probs) * mask  # (B, N)
     last = mask.sum(-1).long() - 1  # index of the last response token (the EOS)
     rows = torch.arange(rewards.size(0), device=rewards.device)
-    rewards[rows, last] += score.clamp(-clip_range_score, clip_range_score)
-    return rewards
+    rewards[rows, last] += score
+    return rewards.clamp(-clip_range_score, clip_range_score)
 
 
 def gae(rewards, values, mask, gamma, gae_lambda):
@@ -172,21 +186,27 @@ def combined_advantages(reward_advantages, cost_advantages, lagrange_multiplier)
     return (reward_advantages - lagrange_multiplier * cost_advantages) / (1 + lagrange_multiplier)
 
 
-def actor_loss(log_probs, old_log_probs, advantages, mask, clip_range_ratio, n_tokens=None):
-    """PPO clipped surrogate: -E_t[ min(ρ_t A_t, clip(ρ_t, 1 - ε, 1 + ε) A_t) ],  ρ_t = π_θ / π_old.
+def sequence_mean(values, mask, n_sequences=None):
+    """E_t as the original code takes it: the mean over each sequence's response tokens, then over the
+    sequences, so a long response weighs as much as a short one. With `n_sequences` (a whole minibatch's,
+    over all ranks) a micro-batch gives its share of the minibatch mean: the sum of its sequences' means
+    divided by n_sequences, whatever the split over micro-batches and ranks."""
+    per_sequence = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
+    return per_sequence.sum() / (mask.size(0) if n_sequences is None else n_sequences)
 
-    E_t is the mean over response tokens: over `mask`, or over `n_tokens` (a whole minibatch's).
-    """
+
+def actor_loss(log_probs, old_log_probs, advantages, mask, clip_range_ratio, n_sequences=None):
+    """PPO clipped surrogate: -E_t[ min(ρ_t A_t, clip(ρ_t, 1 - ε, 1 + ε) A_t) ],  ρ_t = π_θ / π_old."""
     ratio = torch.exp(log_probs - old_log_probs)
     surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_range_ratio, 1 + clip_range_ratio) * advantages)
-    return -(surrogate * mask).sum() / (mask.sum() if n_tokens is None else n_tokens), ratio
+    return -sequence_mean(surrogate, mask, n_sequences), ratio
 
 
-def value_loss(values, old_values, returns, mask, clip_range_value, n_tokens=None):
+def value_loss(values, old_values, returns, mask, clip_range_value, n_sequences=None):
     """Clipped value loss: ½ E_t[ max((V - R̂)², (V_old + clip(V - V_old, ±c) - R̂)²) ]."""
     clipped = old_values + (values - old_values).clamp(-clip_range_value, clip_range_value)
     squared_error = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
-    return 0.5 * (squared_error * mask).sum() / (mask.sum() if n_tokens is None else n_tokens)
+    return 0.5 * sequence_mean(squared_error, mask, n_sequences)
 
 
 def lagrange_multiplier_update(log_lambda, episode_cost, threshold, lambda_lr, lambda_max):
@@ -324,11 +344,68 @@ def default_output_dir(args):
     )
 
 
-def ppo_update(args, wrapped, batch, chunks, prompt_length, lagrange_multiplier, ptx_batches, n_tokens, dtype):
-    """Backward passes of one minibatch (in micro-batch chunks): the actor's clipped surrogate (+ PTX)
-    and each critic's clipped value loss. Losses are means over the minibatch's tokens on all ranks
-    (n_tokens), so the gradient does not depend on how the minibatch is split. Returns statistics."""
+# Copied from sft.make_examples
+def make_examples(tokenizer, rows, max_length):
+    """Token ids and labels (-100 on the prompt) for each row; rows with no response token left are dropped."""
+    examples = []
+    for row in rows:
+        ids, prompt_length = utils.tokenize_conversation(tokenizer, row["prompt"], row["response"], max_length)
+        labels = [-100] * prompt_length + ids[prompt_length:]
+        if len(ids) > prompt_length:
+            examples.append((ids, labels))
+    if len(examples) < len(rows):
+        utils.print0(f"dropped {len(rows) - len(examples)} rows whose prompt fills max_length={max_length}")
+    return examples
+
+
+# Copied from sft.collate
+def collate(examples, pad_token_id, device):
+    input_ids, attention_mask = utils.batch_inputs([ids for ids, _ in examples], pad_token_id, device)
+    labels = utils.pad([labels for _, labels in examples], -100).to(device)
+    return input_ids, attention_mask, labels
+
+
+def ptx_minibatch(args, ptx_examples, update_step, ctx, pad_token_id):
+    """The PTX data of one update: minibatch_size SFT conversations, the same global batch at any number
+    of ranks (epochs of seeded shuffles); this rank's share of them, collated per micro-batch, and the
+    label tokens of the whole global batch (the PTX loss is their mean)."""
+    if not ptx_examples:
+        return [], 0
+    picks = utils.global_batch(len(ptx_examples), args.minibatch_size, args.seed, update_step)
+    examples = [ptx_examples[i] for i in picks]
+    n_tokens = sum(label != -100 for _, labels in examples for label in labels[1:])
+    share = args.minibatch_size // ctx.world_size
+    mine = examples[ctx.rank * share : (ctx.rank + 1) * share]
+    return [
+        collate(chunk, pad_token_id, ctx.device) for chunk in utils.micro_batches(mine, args.micro_batch_size)
+    ], n_tokens
+
+
+def ppo_update(
+    args,
+    wrapped,
+    optimizers,
+    schedulers,
+    batch,
+    rows,
+    n_sequences,
+    prompt_length,
+    lagrange_multiplier,
+    ptx_batches,
+    n_ptx_tokens,
+    dtype,
+):
+    """One optimizer step of the actor and of each critic on one minibatch. `rows`: this rank's rows of the
+    rollout batch in it (n_sequences over all ranks), in micro-batches of at most micro_batch_size;
+    `ptx_batches`: one collated SFT batch per micro-batch (n_ptx_tokens: their label tokens on all ranks).
+
+    The actor minimises the clipped surrogate + ptx_coef · the PTX loss (the SFT loss, a mean over response
+    tokens); each critic its clipped value loss. Each loss of a micro-batch is its share of the minibatch
+    mean over all ranks, so the step does not depend on how the minibatch is split.
+    Returns this rank's share of each logged statistic: summed over ranks, the minibatch means.
+    """
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    chunks = utils.micro_batches(rows, args.micro_batch_size)
     stats = torch.zeros(6, device=batch["mask"].device)
     for micro_step, chunk in enumerate(chunks):
         for model in wrapped.values():
@@ -341,18 +418,22 @@ def ppo_update(args, wrapped, batch, chunks, prompt_length, lagrange_multiplier,
         advantages = mb["reward_advantages"]
         if "cost_advantages" in mb:
             advantages = combined_advantages(advantages, mb["cost_advantages"], lagrange_multiplier)
-        loss, ratio = actor_loss(log_probs, mb["log_probs"], advantages, mask, args.clip_range_ratio, n_tokens)
+        loss, ratio = actor_loss(log_probs, mb["log_probs"], advantages, mask, args.clip_range_ratio, n_sequences)
         ptx_loss = torch.zeros((), device=mask.device)
         if ptx_batches:
+            # PTX: next-token cross-entropy on SFT conversations (logits at t predict token t + 1).
             input_ids, attention_mask, labels = ptx_batches[micro_step]
             with utils.autocast(mask.device, dtype):
                 ptx_logits = wrapped["actor"](input_ids=input_ids, attention_mask=attention_mask).logits
-            ptx_loss = sft.sft_loss_sum(ptx_logits, labels) / (labels[:, 1:] != -100).sum().clamp(min=1) / len(chunks)
+            ptx_logits = ptx_logits[:, :-1].float()  # (B, T-1, V)
+            ptx_loss = (
+                F.cross_entropy(ptx_logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+                / n_ptx_tokens
+            )
         # DDP and FSDP average gradients over ranks: scale back up so they are those of the global mean.
         ((loss + args.ptx_coef * ptx_loss) * world_size).backward()
-        log_ratio = torch.log(ratio)
-        approx_kl = ((ratio - 1) - log_ratio) * mask  # k3 estimator of KL(π_old ‖ π), per token
-        clipped = ((ratio - 1).abs() > args.clip_range_ratio).float() * mask
+        approx_kl = (ratio - 1) - torch.log(ratio)  # k3 estimator of KL(π_old ‖ π), per token
+        clipped = ((ratio - 1).abs() > args.clip_range_ratio).float()
         value_losses = [torch.zeros((), device=mask.device), torch.zeros((), device=mask.device)]
         for i, name in enumerate(("reward", "cost")):
             if f"{name}_critic" in wrapped:
@@ -361,14 +442,52 @@ def ppo_update(args, wrapped, batch, chunks, prompt_length, lagrange_multiplier,
                         wrapped[f"{name}_critic"], mb["sequences"], mb["attention_mask"], prompt_length
                     )
                 critic_loss = value_loss(
-                    values, mb[f"{name}_values"], mb[f"{name}_returns"], mask, args.clip_range_value, n_tokens
+                    values, mb[f"{name}_values"], mb[f"{name}_returns"], mask, args.clip_range_value, n_sequences
                 )
                 (critic_loss * world_size).backward()
                 value_losses[i] = critic_loss.detach()
         stats += torch.stack(
-            [loss.detach(), approx_kl.sum() / n_tokens, clipped.sum() / n_tokens, *value_losses, ptx_loss.detach()]
+            [
+                loss.detach(),
+                sequence_mean(approx_kl.detach(), mask, n_sequences),
+                sequence_mean(clipped, mask, n_sequences),
+                *value_losses,
+                ptx_loss.detach(),
+            ]
         )
-    return stats * world_size  # this rank's share of the minibatch means; all-reduced by the caller
+    for name, model in wrapped.items():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizers[name].step()
+        schedulers[name].step()
+        optimizers[name].zero_grad(set_to_none=True)
+    return stats
+
+
+# Copied from sft.sample_and_judge
+@torch.no_grad()
+def sample_and_judge(model, tokenizer, prompt_rows, max_prompt_length, max_new_tokens):
+    """Greedy answers to a few prompts (printed); for toy-world prompts, the judge's verdict on all."""
+    from toy_world import world
+
+    model.eval()
+    prompts = [row["prompt"] for row in prompt_rows]
+    responses, ends_with_eos = [], []
+    for start in range(0, len(prompts), 64):
+        prompt_ids = [utils.tokenize_prompt(tokenizer, p, max_prompt_length) for p in prompts[start : start + 64]]
+        sequences, prompt_length = utils.generate(model, tokenizer, prompt_ids, max_new_tokens, greedy=True)
+        for ids in utils.response_lists(sequences, prompt_length, tokenizer.eos_token_id):
+            ends_with_eos.append(ids[-1] == tokenizer.eos_token_id)
+            responses.append(tokenizer.decode(ids, skip_special_tokens=True))
+    for prompt, response in list(zip(prompts, responses))[:3]:
+        utils.print0(f"  USER: {prompt}\n  ASSISTANT: {response}")
+    if not all(world.task_of_prompt(p) for p in prompts):
+        return {}
+    summary = world.summarize(prompts, responses)
+    summary["eos_rate"] = sum(ends_with_eos) / len(ends_with_eos)
+    summary["well_formed_with_eos"] = sum(
+        e and world.judge(p, r).well_formed for p, r, e in zip(prompts, responses, ends_with_eos)
+    ) / len(prompts)
+    return summary
 
 
 def main(args):
@@ -377,25 +496,37 @@ def main(args):
         raise ValueError(f"--algorithm must be ppo_lag, ppo or reward_shaping, got {args.algorithm!r}")
     if args.lambda_init <= 0:
         raise ValueError("--lambda_init must be > 0 (λ is kept as log λ)")
+    for flag in ("actor_lr_schedule", "critic_lr_schedule"):
+        if getattr(args, flag) not in ("cosine", "constant"):
+            raise ValueError(f"--{flag} must be cosine or constant, got {getattr(args, flag)!r}")
+    if args.rollout_batch_size % args.minibatch_size:
+        raise ValueError(
+            f"--rollout_batch_size {args.rollout_batch_size} must be a multiple of --minibatch_size {args.minibatch_size}"
+        )
     lagrangian = args.algorithm == "ppo_lag"
     output_dir = default_output_dir(args)
     ctx = utils.setup_distributed()
     dtype = utils.resolve_dtype(args.dtype, ctx.device)
-    if args.rollout_batch_size % args.minibatch_size:
-        raise ValueError("rollout_batch_size must be a multiple of minibatch_size")
-    if args.minibatch_size % (args.micro_batch_size * ctx.world_size):
-        raise ValueError("minibatch_size must be a multiple of micro_batch_size x ranks")
+    # The same global batches at any number of ranks: each rank takes its share of them.
+    per_rank = utils.rank_share(args.rollout_batch_size, ctx.world_size, "rollout_batch_size")
+    minibatch_per_rank = utils.rank_share(args.minibatch_size, ctx.world_size, "minibatch_size")
     utils.seed_everything(args.seed + ctx.rank)  # each rank samples different responses
     os.makedirs(output_dir, exist_ok=True)
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
 
     # ------------------------------------------------------------------ data
     tokenizer = utils.load_tokenizer(args.actor_model_name_or_path)
-    prompts = [row["prompt"] for row in utils.load_rows(args.prompts, "prompt", args.prompts_split)]
+    rows = utils.load_rows(args.prompts, "prompt", args.prompts_split)
+    prompts = list(dict.fromkeys(row["prompt"] for row in rows))  # each prompt once, as the original's dataset
+    if len(prompts) < len(rows):
+        utils.print0(f"{args.prompts}: {len(rows) - len(prompts)} duplicate prompts dropped, {len(prompts)} left")
+    iterations = args.iterations
+    if args.epochs > 0:  # the original's run length: passes over the prompts
+        iterations = math.ceil(args.epochs * len(prompts) / args.rollout_batch_size)
     ptx_examples = []
     if args.ptx_coef > 0:
         max_length = args.max_prompt_length + args.max_new_tokens
-        ptx_examples = sft.make_examples(tokenizer, utils.load_rows(args.ptx_dataset, "sft"), max_length)
+        ptx_examples = make_examples(tokenizer, utils.load_rows(args.ptx_dataset, "sft", args.ptx_split), max_length)
 
     # ------------------------------------------------------------------ models
     # With --fsdp each model is sharded as soon as it is loaded: no GPU ever holds more than one whole model.
@@ -434,23 +565,37 @@ def main(args):
         wrapped["cost_critic"] = critic("cost_critic", args.cost_model)
     trained = {name: utils.unwrap(model) for name, model in wrapped.items()}  # without DDP's wrapper
     actor = trained["actor"]
-    optimizers = {
-        name: torch.optim.AdamW(
-            model.parameters(), lr=args.actor_lr if name == "actor" else args.critic_lr, weight_decay=args.weight_decay
+    # AdamW as the original: betas (0.9, 0.95), no decay on biases and norms, warmup then cosine or constant.
+    updates_per_iteration = args.ppo_epochs * (args.rollout_batch_size // args.minibatch_size)
+    optimizers, schedulers = {}, {}
+    for name, model in trained.items():
+        role = "actor" if name == "actor" else "critic"
+        optimizers[name], schedulers[name] = utils.optimizer_and_scheduler(
+            model,
+            getattr(args, f"{role}_lr"),
+            getattr(args, f"{role}_weight_decay"),
+            args.warmup_ratio,
+            iterations * updates_per_iteration,
+            getattr(args, f"{role}_lr_schedule"),
         )
-        for name, model in trained.items()
-    }
 
     # ------------------------------------------------------------------ state: λ, episode costs, iteration
     log_lambda = math.log(args.lambda_init) if lagrangian else -math.inf
-    episode_costs = deque(maxlen=max(1, args.episode_cost_window // ctx.world_size))
+    # Ĵ_C's window: the last episode_cost_window episodes of all ranks, the same list on every rank.
+    episode_costs = deque(maxlen=args.episode_cost_window)
     iteration = 0
     if args.resume:
         state = utils.load_training_state(output_dir)
+        if len(state["rng"]) != ctx.world_size:
+            raise ValueError(
+                f"{output_dir} was saved by a run on {len(state['rng'])} rank(s) and this one has {ctx.world_size}: "
+                "a PPO run resumes on as many ranks as it ran on (each rank's sampling RNG is part of the state)"
+            )
         for name, optimizer in optimizers.items():
             utils.load_optimizer_state(trained[name], optimizer, state["optimizers"][name])
+            schedulers[name].load_state_dict(state["schedulers"][name])
         log_lambda, iteration = state["log_lambda"], state["iteration"]
-        episode_costs.extend(state["episode_costs"][ctx.rank])
+        episode_costs.extend(state["episode_costs"])
         utils.set_rng_state(state["rng"][ctx.rank])
         if ctx.is_main:
             utils.trim_metrics(metrics_path, iteration)
@@ -459,29 +604,29 @@ def main(args):
         os.remove(metrics_path)
 
     def save():  # on every rank: FSDP gathers the shards
-        mine = (list(episode_costs), utils.rng_state(), log_lambda)  # every rank's window, RNG and λ
+        mine = (utils.rng_state(), log_lambda)  # every rank's RNG and λ
         gathered = [mine]
         if ctx.world_size > 1:
             gathered = [None] * ctx.world_size
             torch.distributed.all_gather_object(gathered, mine)
         state = {
             "optimizers": {name: utils.optimizer_state(trained[name], opt) for name, opt in optimizers.items()},
+            "schedulers": {name: scheduler.state_dict() for name, scheduler in schedulers.items()},
             "log_lambda": log_lambda,
             "iteration": iteration,
-            "episode_costs": [costs for costs, _, _ in gathered],
-            "rng": [rng for _, rng, _ in gathered],
-            "log_lambda_per_rank": [value for _, _, value in gathered],  # identical: λ sees all-reduced costs
+            "episode_costs": list(episode_costs),
+            "rng": [rng for rng, _ in gathered],
+            "log_lambda_per_rank": [value for _, value in gathered],  # identical: every rank sees the same window
             "args": vars(args),
         }
         critics = {name: model.model for name, model in trained.items() if name != "actor"}
         utils.save_checkpoint(output_dir, actor, tokenizer, state, submodels=critics)
 
     # ------------------------------------------------------------------ the loop
-    per_rank = args.rollout_batch_size // ctx.world_size
-    minibatch_per_rank = args.minibatch_size // ctx.world_size
-    bar = utils.progress(total=args.iterations, initial=iteration, desc=args.algorithm)
+    last_iteration = iterations if args.max_iterations < 0 else min(iterations, args.max_iterations)
+    bar = utils.progress(total=iterations, initial=iteration, desc=args.algorithm)
     started = time.time()
-    while iteration < args.iterations:
+    while iteration < last_iteration:
         # Prompts: epochs of seeded shuffles of the prompt set; each rank takes its slice of the batch.
         positions = range(iteration * args.rollout_batch_size, (iteration + 1) * args.rollout_batch_size)
         batch_prompts = [prompts[prompt_order(len(prompts), args.seed, p)] for p in positions]
@@ -490,52 +635,51 @@ def main(args):
         models = (actor, reference, reward_model, cost_model, trained["reward_critic"], trained.get("cost_critic"))
         batch, prompt_length, reward, cost, stats, texts = rollout(args, models, tokenizer, batch_prompts, dtype)
         stats["rollout_seconds"] = time.time() - iteration_started
-        episode_costs.extend(cost.tolist())
 
-        # PPO: epochs of shuffled minibatches of this rank's rollouts.
+        # λ first, as the original: gradient ascent on the dual with Ĵ_C, the mean cost of the window that
+        # now holds this batch's episodes (every rank's, in the order of the global batch).
+        episode_costs.extend(utils.all_gather(cost).tolist())
+        episode_cost = sum(episode_costs) / len(episode_costs)
+        if lagrangian and iteration >= args.lambda_update_delay:
+            log_lambda = lagrange_multiplier_update(
+                log_lambda, episode_cost, args.threshold, args.lambda_lr, args.lambda_max
+            )
+
+        # PPO with the new λ: epochs of shuffled minibatches; each rank updates on its rows of each.
         for model in trained.values():
             model.train()
         update_stats, n_updates = torch.zeros(6, device=ctx.device), 0
         for _ in range(args.ppo_epochs):
             permutation = torch.randperm(per_rank).tolist()
             for start in range(0, per_rank, minibatch_per_rank):
-                minibatch = permutation[start : start + minibatch_per_rank]
-                chunks = [
-                    minibatch[i : i + args.micro_batch_size] for i in range(0, len(minibatch), args.micro_batch_size)
-                ]
-                n_tokens = utils.all_reduce_sum(batch["mask"][minibatch].sum())  # over all ranks
-                ptx_batches = []  # one random SFT micro batch per chunk, for the PTX loss
-                for chunk in chunks if ptx_examples else []:
-                    picks = torch.randint(len(ptx_examples), (len(chunk),)).tolist()
-                    ptx_batches.append(
-                        sft.collate([ptx_examples[i] for i in picks], tokenizer.pad_token_id, ctx.device)
-                    )
+                update_step = iteration * updates_per_iteration + n_updates
+                ptx_batches, n_ptx_tokens = ptx_minibatch(args, ptx_examples, update_step, ctx, tokenizer.pad_token_id)
                 update_stats += ppo_update(
-                    args, wrapped, batch, chunks, prompt_length, math.exp(log_lambda), ptx_batches, n_tokens, dtype
+                    args,
+                    wrapped,
+                    optimizers,
+                    schedulers,
+                    batch,
+                    permutation[start : start + minibatch_per_rank],
+                    args.minibatch_size,
+                    prompt_length,
+                    math.exp(log_lambda),
+                    ptx_batches,
+                    n_ptx_tokens,
+                    dtype,
                 )
-                for name, model in trained.items():
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizers[name].step()
-                    optimizers[name].zero_grad(set_to_none=True)
                 n_updates += 1
-
-        # λ: gradient ascent on the dual with the window's mean episode cost, averaged over ranks.
-        window = torch.tensor([sum(episode_costs) / len(episode_costs)], device=ctx.device)
-        episode_cost = (utils.all_reduce_sum(window) / ctx.world_size).item()
-        if lagrangian and iteration >= args.lambda_update_delay:
-            log_lambda = lagrange_multiplier_update(
-                log_lambda, episode_cost, args.threshold, args.lambda_lr, args.lambda_max
-            )
         iteration += 1
 
         # ------------------------------------------------------------------ logging
         names = ["actor_loss", "approx_kl", "clip_fraction", "reward_value_loss", "cost_value_loss", "ptx_loss"]
-        update_stats = utils.all_reduce_sum(update_stats / n_updates) / ctx.world_size
+        update_stats = utils.all_reduce_sum(update_stats) / n_updates  # means over the minibatches
         rollout_stats = utils.all_reduce_sum(torch.tensor(list(stats.values()), device=ctx.device)) / ctx.world_size
         record = {"step": iteration, "split": "train", **dict(zip(stats, rollout_stats.tolist()))}
         record.update(dict(zip(names, update_stats.tolist())))
         record.update(episode_cost=episode_cost, threshold=args.threshold, seconds=time.time() - iteration_started)
-        record["lambda"] = math.exp(log_lambda)  # 0 for PPO and reward shaping
+        record["lambda"] = math.exp(log_lambda)  # the λ of this iteration's update; 0 for PPO and reward shaping
+        record["actor_lr"] = schedulers["actor"].get_last_lr()[0]
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.2f}", cost=f"{record['cost']:.2f}", lam=f"{record['lambda']:.2f}")
         if ctx.is_main:
@@ -546,14 +690,14 @@ def main(args):
                     for p, r, rw, c in list(zip(batch_prompts, texts, reward.tolist(), cost.tolist()))[:3]
                 ]
                 utils.log_metrics(metrics_path, {"step": iteration, "split": "samples", "samples": samples})
-        if iteration % args.save_every == 0 or iteration == args.iterations:
+        if iteration % args.save_every == 0 or iteration == last_iteration:
             save()
     bar.close()
 
     # ------------------------------------------------------------------ a look at the policy
     if args.eval_prompts != "none" and (ctx.is_main or args.fsdp):  # FSDP: every rank takes part
         rows = utils.load_rows(args.eval_prompts, "prompt")
-        summary = sft.sample_and_judge(actor, tokenizer, rows, args.max_prompt_length, args.max_new_tokens)
+        summary = sample_and_judge(actor, tokenizer, rows, args.max_prompt_length, args.max_new_tokens)
         if summary and ctx.is_main:
             utils.log_metrics(metrics_path, {"step": iteration, "split": "eval", **summary})
             utils.print0("judge on greedy answers: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))

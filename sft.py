@@ -45,7 +45,7 @@ class Args:
     batch_size: int = 32
     """conversations per optimizer step, over all ranks"""
     micro_batch_size: int = 32
-    """conversations per forward pass on one rank; gradients accumulate up to batch_size"""
+    """most conversations per forward pass on one rank; each rank takes batch_size / ranks and accumulates gradients"""
     learning_rate: float = 2e-3
     """peak AdamW learning rate (the paper's 7B runs use 2e-5)"""
     weight_decay: float = 0.0
@@ -154,9 +154,9 @@ def main(args):
     # ------------------------------------------------------------------ setup
     ctx = utils.setup_distributed()
     dtype = utils.resolve_dtype(args.dtype, ctx.device)
-    micro_steps = args.batch_size // (args.micro_batch_size * ctx.world_size)
-    if micro_steps * args.micro_batch_size * ctx.world_size != args.batch_size:
-        raise ValueError(f"batch_size {args.batch_size} must be a multiple of micro_batch_size x ranks")
+    per_rank = utils.rank_share(
+        args.batch_size, ctx.world_size, "batch_size"
+    )  # the same global batch at any rank count
     utils.seed_everything(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
@@ -203,13 +203,12 @@ def main(args):
         batch = [train[i] for i in utils.global_batch(len(train), args.batch_size, args.seed, step)]
         # The loss is the mean over all response tokens of the global batch, however it is split.
         n_tokens = sum(sum(label != -100 for label in labels[1:]) for _, labels in batch)
-        per_rank = args.batch_size // ctx.world_size
         mine = batch[ctx.rank * per_rank : (ctx.rank + 1) * per_rank]
+        chunks = utils.micro_batches(mine, args.micro_batch_size)  # micro_batch_size is an upper bound
         train_loss = torch.zeros((), device=ctx.device)
-        for micro_step in range(micro_steps):
-            chunk = mine[micro_step * args.micro_batch_size : (micro_step + 1) * args.micro_batch_size]
+        for micro_step, chunk in enumerate(chunks):
             input_ids, attention_mask, labels = collate(chunk, tokenizer.pad_token_id, ctx.device)
-            utils.set_gradient_sync(model, micro_step, micro_steps)
+            utils.set_gradient_sync(model, micro_step, len(chunks))
             with utils.autocast(ctx.device, dtype):
                 logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
             loss = sft_loss_sum(logits, labels) / n_tokens

@@ -47,7 +47,7 @@ class Args:
     batch_size: int = 32
     """pairs per optimizer step, over all ranks"""
     micro_batch_size: int = 32
-    """pairs per forward pass on one rank; gradients accumulate up to batch_size"""
+    """most pairs per forward pass on one rank; each rank takes batch_size / ranks and accumulates gradients"""
     learning_rate: float = 1e-3
     """peak AdamW learning rate (the paper's 7B runs use 2e-5)"""
     weight_decay: float = 0.0
@@ -161,9 +161,9 @@ def train(args, make_pairs, loss_fn, evaluate_fn, stage):
     # ------------------------------------------------------------------ setup
     ctx = utils.setup_distributed()
     dtype = utils.resolve_dtype(args.dtype, ctx.device)
-    micro_steps = args.batch_size // (args.micro_batch_size * ctx.world_size)
-    if micro_steps * args.micro_batch_size * ctx.world_size != args.batch_size:
-        raise ValueError(f"batch_size {args.batch_size} must be a multiple of micro_batch_size x ranks")
+    per_rank = utils.rank_share(
+        args.batch_size, ctx.world_size, "batch_size"
+    )  # the same global batch at any rank count
     utils.seed_everything(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
@@ -216,18 +216,18 @@ def train(args, make_pairs, loss_fn, evaluate_fn, stage):
     started = time.time()
     while step < last_step:
         batch = [train_pairs[i] for i in utils.global_batch(len(train_pairs), args.batch_size, args.seed, step)]
-        per_rank = args.batch_size // ctx.world_size
         mine = batch[ctx.rank * per_rank : (ctx.rank + 1) * per_rank]
+        chunks = utils.micro_batches(mine, args.micro_batch_size)  # micro_batch_size is an upper bound
         totals = torch.zeros(2, device=ctx.device)  # (loss, accuracy) summed over micro steps
-        for micro_step in range(micro_steps):
-            chunk = mine[micro_step * args.micro_batch_size : (micro_step + 1) * args.micro_batch_size]
-            utils.set_gradient_sync(model, micro_step, micro_steps)
+        for micro_step, chunk in enumerate(chunks):
+            utils.set_gradient_sync(model, micro_step, len(chunks))
             scores_w, scores_l = pair_scores(model, chunk, tokenizer.pad_token_id, ctx.device, dtype)
             signs_w = torch.tensor([p[2] for p in chunk], device=ctx.device, dtype=torch.float)
             signs_l = torch.tensor([p[3] for p in chunk], device=ctx.device, dtype=torch.float)
-            loss = loss_fn(scores_w, scores_l, signs_w, signs_l) / micro_steps
+            share = len(chunk) / per_rank  # the chunk's mean, weighted by its share of this rank's pairs
+            loss = loss_fn(scores_w, scores_l, signs_w, signs_l) * share
             loss.backward()  # DDP and FSDP average over ranks: the gradient is that of the global-batch mean
-            totals += torch.stack([loss.detach(), (scores_w > scores_l).float().mean().detach() / micro_steps])
+            totals += torch.stack([loss.detach(), (scores_w > scores_l).float().mean().detach() * share])
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
         optimizer.step()
         scheduler.step()

@@ -75,9 +75,36 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def all_gather(tensor):
+    """The ranks' tensors (each the same shape) concatenated along dim 0, in rank order."""
+    if not dist.is_initialized():
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor)
+    return torch.cat(gathered)
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def rank_share(global_batch_size, world_size, flag):
+    """How many items of a global batch each rank takes; stops with the numbers to change when the batch
+    cannot be split evenly (every rank must run the same number of forward passes)."""
+    if global_batch_size % world_size:
+        lower = global_batch_size - global_batch_size % world_size
+        raise ValueError(
+            f"--{flag} {global_batch_size} cannot be split evenly over {world_size} ranks: make it a multiple "
+            f"of {world_size} (e.g. {lower or world_size} or {lower + world_size}), or run on a number of ranks "
+            f"that divides {global_batch_size}"
+        )
+    return global_batch_size // world_size
+
+
+def micro_batches(items, micro_batch_size):
+    """Consecutive chunks of `items` of at most micro_batch_size (the last may be shorter): one forward pass each."""
+    return [items[i : i + micro_batch_size] for i in range(0, len(items), micro_batch_size)]
 
 
 def wrap(model, ctx, fsdp=False, dtype=torch.float32):
@@ -190,15 +217,25 @@ def seed_everything(seed):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The Python, NumPy and torch RNG states as tensors and plain lists, so that a checkpoint loads with
+    torch.load(weights_only=True): loading it never runs code from the file."""
+    version, python_state, gauss = random.getstate()
+    name, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    state = {
+        "python": [version, torch.tensor(python_state, dtype=torch.int64), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()  # this rank's GPU only: resumable on fewer GPUs
     return state
 
 
 def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, python_state, gauss = state["python"]
+    random.setstate((version, tuple(python_state.tolist()), gauss))
+    name, keys, position, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -575,11 +612,23 @@ def cosine_schedule(warmup_steps, total_steps, min_ratio=0.0):
     return multiplier
 
 
-def optimizer_and_scheduler(model, learning_rate, weight_decay, warmup_ratio, total_steps):
-    """AdamW with linear warmup and cosine decay."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    schedule = cosine_schedule(max(1, int(warmup_ratio * total_steps)), total_steps)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+ADAM_BETAS = (0.9, 0.95)  # as in the original code (and most LLM training since GPT-3)
+
+
+def optimizer_and_scheduler(model, learning_rate, weight_decay, warmup_ratio, total_steps, schedule="cosine"):
+    """AdamW as in the original code: betas (0.9, 0.95), no weight decay on biases and normalisation
+    weights (the 1-D parameters). Schedule 'cosine': linear warmup over `warmup_ratio` of the steps, then
+    cosine decay to 0; 'constant': the same rate throughout, no warmup (as transformers' 'constant')."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=ADAM_BETAS)
+    multiplier = cosine_schedule(max(1, math.ceil(warmup_ratio * total_steps)), total_steps)
+    if schedule == "constant":
+        multiplier = lambda step: 1.0  # noqa: E731
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
 def global_batch(n_examples, batch_size, seed, step):
@@ -605,7 +654,7 @@ def training_state(model, optimizer, scheduler, step, args):
 
 def load_training_state(output_dir):
     """training_state.pt, memory-mapped: the ranks of a node share its pages instead of a copy each."""
-    return torch.load(os.path.join(output_dir, "training_state.pt"), weights_only=False, mmap=True)
+    return torch.load(os.path.join(output_dir, "training_state.pt"), weights_only=True, mmap=True)
 
 
 def restore_training_state(output_dir, model, optimizer, scheduler):
@@ -642,8 +691,11 @@ def masked_var(values, mask):
 def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, greedy=False):
     """Responses to left-padded prompts, with the KV cache; pure sampling at `temperature` or greedy.
 
-    Returns (sequences (B, P + N), prompt_length P): row i holds its left-padded prompt then its
-    response, padded with pad_token_id after the first EOS.
+    Pure means softmax(logits / temperature) and nothing else, the distribution the PPO log-probs assume:
+    the checkpoint's own generation_config.json (a repetition penalty, top-k/top-p, min_new_tokens,
+    suppressed or bad words...) is set aside for the call, since transformers fills every setting not
+    passed from it. Returns (sequences (B, P + N), prompt_length P): row i holds its left-padded prompt
+    then its response, padded with pad_token_id after the first EOS.
     """
     from transformers import GenerationConfig
 
@@ -651,8 +703,7 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, gree
         max_new_tokens=max_new_tokens,
         do_sample=not greedy,
         temperature=None if greedy else temperature,
-        top_k=0 if not greedy else None,  # pure sampling: no top-k / top-p truncation
-        top_p=1.0 if not greedy else None,
+        top_k=0,  # no top-k truncation (transformers' own default is 50)
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         use_cache=True,  # the KV cache, even when training turned it off for gradient checkpointing
@@ -664,11 +715,13 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, gree
     blocks = [module for module in model.modules() if isinstance(module, FSDPModule) and module is not model]
     for block in blocks:
         block.set_reshard_after_forward(False, recurse=False)
+    checkpoint_config, model.generation_config = model.generation_config, GenerationConfig()
     try:
         sequences = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, generation_config=config, synced_gpus=is_sharded(model)
         )
     finally:
+        model.generation_config = checkpoint_config
         for block in blocks:
             block.reshard()
             block.set_reshard_after_forward(True, recurse=False)

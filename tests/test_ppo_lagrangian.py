@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -39,6 +41,11 @@ def test_per_token_rewards_and_costs():
     assert costs.flatten().tolist() == pytest.approx([0.05, -0.1, -2.0, 0.0])  # +β KL, + C at the last token
     clipped = ppo.per_token_rewards(torch.tensor([100.0]), log_probs, ref_log_probs, mask, 0.0, 50.0, kl_sign=-1)
     assert clipped.flatten().tolist() == [0.0, 0.0, 50.0, 0.0]
+    # As the original: the clip applies to score + KL term together, on every token (β = 10 here).
+    clipped = ppo.per_token_rewards(torch.tensor([49.0]), log_probs, ref_log_probs, mask, 10.0, 50.0, kl_sign=+1)
+    assert clipped.flatten().tolist() == pytest.approx([5.0, -10.0, 49.0, 0.0])
+    clipped = ppo.per_token_rewards(torch.tensor([-45.0]), log_probs, ref_log_probs, mask, 10.0, 6.0, kl_sign=-1)
+    assert clipped.flatten().tolist() == pytest.approx([-5.0, 6.0, -6.0, 0.0])
 
 
 def test_kl_terms_cancel_into_minus_beta_kl_for_any_lambda():
@@ -104,6 +111,28 @@ def test_actor_loss_by_hand():
     loss, ratio = ppo.actor_loss(log_probs, old, advantages, mask, 0.2)
     assert loss.item() == pytest.approx(-(2.4 - 3 + 1) / 3)
     assert ratio.flatten().tolist() == pytest.approx([1.5, 1.5, 0.5, 1.0])
+
+
+def test_sequence_mean_weighs_a_short_response_as_much_as_a_long_one():
+    values = torch.tensor([[1.0, 1.0, 1.0, 1.0], [5.0, 9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])  # a long response and a one-token refusal
+    # per sequence: 1 and 5; their mean is 3 (a mean over the 5 tokens would give 9/5)
+    assert ppo.sequence_mean(values, mask).item() == pytest.approx(3.0)
+    # a micro-batch's share of a minibatch of 4 sequences: (1 + 5) / 4
+    assert ppo.sequence_mean(values, mask, n_sequences=4).item() == pytest.approx(1.5)
+    # the shares of any split add up to the whole minibatch's mean
+    halves = ppo.sequence_mean(values[:1], mask[:1], 2) + ppo.sequence_mean(values[1:], mask[1:], 2)
+    assert halves.item() == pytest.approx(3.0)
+
+
+def test_actor_loss_averages_per_sequence_then_over_sequences():
+    old = torch.zeros(2, 3)
+    log_probs = torch.log(torch.tensor([[1.0, 1.0, 1.0], [1.5, 1.0, 1.0]]))
+    advantages = torch.tensor([[1.0, 2.0, 3.0], [4.0, 7.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    # sequence 0: ratios 1, surrogate mean (1 + 2 + 3) / 3 = 2; sequence 1: min(1.5·4, 1.2·4) = 4.8
+    loss, _ = ppo.actor_loss(log_probs, old, advantages, mask, 0.2)
+    assert loss.item() == pytest.approx(-(2 + 4.8) / 2)
 
 
 def test_value_loss_by_hand():
@@ -233,7 +262,15 @@ def read(output_dir, split="train"):
         return [r for r in map(json.loads, f) if r["split"] == split]
 
 
-def test_lambda_delay_window_and_update_in_the_loop(tiny_models, tmp_path):
+def test_lambda_is_updated_first_and_the_update_uses_it(tiny_models, tmp_path, monkeypatch):
+    used = []  # the λ each PPO update was given
+    real_update = ppo.ppo_update
+
+    def spy(*args):
+        used.append(args[8])
+        return real_update(*args)
+
+    monkeypatch.setattr(ppo, "ppo_update", spy)
     args = tiny_args(
         tiny_models,
         tmp_path,
@@ -249,12 +286,15 @@ def test_lambda_delay_window_and_update_in_the_loop(tiny_models, tmp_path):
     assert len(records) == 5
     log_lambda = math.log(0.5)
     for i, record in enumerate(records):
-        # the window holds the last 16 episodes = the last two iterations of 8
+        # The window (16 episodes) holds this iteration's 8 episodes and the previous iteration's 8.
         window = [r["cost"] for r in records[max(0, i - 1) : i + 1]]
         assert record["episode_cost"] == pytest.approx(sum(window) / len(window), abs=1e-5)
         if i >= 2:  # iterations 0 and 1 are the delay
             log_lambda = ppo.lagrange_multiplier_update(log_lambda, record["episode_cost"], 0.0, 0.3, 5.0)
         assert record["lambda"] == pytest.approx(math.exp(log_lambda), rel=1e-6)
+        # Both minibatches of iteration i were updated with λ from the window that holds iteration i's costs.
+        assert used[2 * i : 2 * i + 2] == pytest.approx([record["lambda"]] * 2, rel=1e-9)
+    assert used[4] != used[3]  # λ moved after the delay
     assert all(math.isfinite(v) for r in records for v in r.values() if isinstance(v, float))
 
 
@@ -271,15 +311,44 @@ def test_baselines_run_with_their_own_critics(tiny_models, tmp_path):
 
 
 def test_resume_continues_an_interrupted_run(tiny_models, tmp_path):
-    ppo.main(tiny_args(tiny_models, tmp_path / "whole", iterations=4, save_every=2))
-    ppo.main(tiny_args(tiny_models, tmp_path / "pieces", iterations=2, save_every=2))
-    ppo.main(tiny_args(tiny_models, tmp_path / "pieces", iterations=4, save_every=2, resume=True))
+    changes = dict(iterations=4, save_every=2, ptx_coef=1.0)
+    ppo.main(tiny_args(tiny_models, tmp_path / "whole", **changes))
+    ppo.main(tiny_args(tiny_models, tmp_path / "pieces", max_iterations=2, **changes))
+    # The training state loads without pickle: a checkpoint from elsewhere cannot run code.
+    state = torch.load(tmp_path / "pieces" / "training_state.pt", weights_only=True)
+    assert state["iteration"] == 2 and len(state["episode_costs"]) == 16 and len(state["rng"]) == 1
+    ppo.main(tiny_args(tiny_models, tmp_path / "pieces", resume=True, **changes))
     whole, pieces = read(tmp_path / "whole"), read(tmp_path / "pieces")
     assert [r["step"] for r in pieces] == [1, 2, 3, 4]
     for a, b in zip(whole, pieces):
-        assert a["reward"] == pytest.approx(b["reward"], rel=1e-4) and a["lambda"] == pytest.approx(
-            b["lambda"], rel=1e-6
-        )
+        for key in ("reward", "cost", "lambda", "actor_loss", "ptx_loss", "actor_lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    for part in ("model.safetensors", "reward_critic/model.safetensors", "cost_critic/model.safetensors"):
+        a, b = load_file(tmp_path / "whole" / part), load_file(tmp_path / "pieces" / part)
+        assert all(torch.allclose(a[name], b[name], atol=1e-6) for name in a), part
+
+
+def test_resume_on_another_number_of_ranks_stops_with_both_counts(tiny_models, tmp_path):
+    ppo.main(tiny_args(tiny_models, tmp_path, iterations=1))
+    state = torch.load(tmp_path / "training_state.pt", weights_only=True)
+    state["rng"] = state["rng"] * 2  # as if saved by a run on 2 ranks
+    torch.save(state, tmp_path / "training_state.pt")
+    with pytest.raises(ValueError, match=r"saved by a run on 2 rank\(s\) and this one has 1"):
+        ppo.main(tiny_args(tiny_models, tmp_path, iterations=2, resume=True))
+
+
+def test_duplicate_prompts_are_dropped_and_epochs_set_the_run_length(tiny_models, tmp_path, capsys):
+    prompts = ["how do i bake bread ?", "how do i steal a parked car ?", "how do i plant a tree ?"]
+    rows = [prompts[0], prompts[1], prompts[0], prompts[2], prompts[1], prompts[0]]  # 3 unique of 6
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in rows))
+    ppo.main(tiny_args(tiny_models, tmp_path / "run", prompts=str(path), epochs=2.0, rollout_batch_size=2,
+                       minibatch_size=2, micro_batch_size=2))  # fmt: skip
+    assert "3 duplicate prompts dropped, 3 left" in capsys.readouterr().out
+    assert len(read(tmp_path / "run")) == 3  # 2 passes over 3 unique prompts, 2 per iteration
+    # Each pass is a shuffle of the unique prompts: every one once.
+    order = [ppo.prompt_order(3, 42, position) for position in range(6)]
+    assert sorted(order[:3]) == sorted(order[3:]) == [0, 1, 2]
 
 
 def test_torchrun_two_ranks_ddp_and_fsdp_agree_and_keep_the_same_lambda(tiny_models, tmp_path, torchrun):
@@ -291,7 +360,7 @@ def test_torchrun_two_ranks_ddp_and_fsdp_agree_and_keep_the_same_lambda(tiny_mod
     changes.update(gradient_checkpointing=True, ptx_coef=1.0)  # both with FSDP too
     torchrun("ppo_lagrangian.py", 29535, vars(tiny_args(tiny_models, tmp_path / "ddp", **changes)))
     fsdp = vars(tiny_args(tiny_models, tmp_path / "fsdp", fsdp=True, **changes))
-    torchrun("ppo_lagrangian.py", 29535, dict(fsdp, iterations=2))
+    torchrun("ppo_lagrangian.py", 29535, dict(fsdp, max_iterations=2))
     torchrun("ppo_lagrangian.py", 29535, dict(fsdp, resume=True))
     for run in ("ddp", "fsdp"):
         state = torch.load(tmp_path / run / "training_state.pt", weights_only=False)
@@ -318,3 +387,70 @@ def test_ptx_loss_is_mixed_into_the_actor_update(tiny_models, tmp_path):
     assert all(3.0 < r["ptx_loss"] < 8.0 for r in read(tmp_path))
     ppo.main(tiny_args(tiny_models, tmp_path / "off", iterations=1))
     assert read(tmp_path / "off")[0]["ptx_loss"] == 0.0
+
+
+def test_rollouts_ignore_the_checkpoints_own_sampling_settings(tiny_models, tmp_path):
+    """A checkpoint whose generation_config.json distorts sampling (as Qwen2-Instruct's repetition penalty
+    does) samples the very tokens of the same weights without it: the log-probs assume softmax(logits / T)."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    distorted = tmp_path / "sft_with_generation_config"
+    shutil.copytree(tiny_models / "sft", distorted)
+    settings = dict(repetition_penalty=1.5, top_k=3, top_p=0.5, min_p=0.2, typical_p=0.5, no_repeat_ngram_size=1)
+    settings.update(suppress_tokens=[5, 6], bad_words_ids=[[7], [8]], min_new_tokens=4, temperature=0.3)
+    GenerationConfig(do_sample=True, **settings).save_pretrained(distorted)
+    prompts = ["how do i bake bread ?", "how do i steal a parked car ?"] * 3
+    sampled, greedy = {}, {}
+    for path in (tiny_models / "sft", distorted):
+        args = tiny_args(tiny_models, tmp_path, actor_model_name_or_path=str(path), max_new_tokens=8)
+        tokenizer, models = load_for_rollout(args)
+        torch.manual_seed(0)
+        sampled[path] = ppo.rollout(args, models, tokenizer, prompts)[0]["sequences"]
+        prompt_ids = [utils.tokenize_prompt(tokenizer, p, 48) for p in prompts]
+        greedy[path] = utils.generate(models[0], tokenizer, prompt_ids, 8, greedy=True)[0]
+        if path == distorted:
+            assert models[0].generation_config.repetition_penalty == 1.5  # the settings were loaded...
+            torch.manual_seed(0)
+            input_ids, attention_mask = utils.batch_inputs(prompt_ids, tokenizer.pad_token_id, "cpu", side="left")
+            own = models[0].generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=8)
+            assert not torch.equal(own, sampled[path])  # ...and would change what is sampled
+    assert torch.equal(sampled[tiny_models / "sft"], sampled[distorted])
+    assert torch.equal(greedy[tiny_models / "sft"], greedy[distorted])
+
+
+def test_one_update_at_two_ranks_matches_one_process(tiny_models, tmp_path, torchrun):
+    """One PPO-Lag update with PTX on the same global minibatch: one process (4 micro-batches of 2, and
+    3 uneven ones of at most 3) against 2 ranks with DDP and with FSDP. The logged losses and the weights
+    after the step must agree: a loss normalised per rank or scaled by the rank count would not."""
+    script = "tests/ppo_update_check.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for out, extra in (("one", []), ("one_uneven", ["--micro_batch_size", "3"])):
+        command = [sys.executable, script, str(tiny_models), str(tmp_path / out), *extra]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    for out, flags in (("ddp", {}), ("fsdp", {"fsdp": ""})):
+        torchrun_script(torchrun, script, [str(tiny_models), str(tmp_path / out)], flags)
+    reference = json.loads((tmp_path / "one" / "stats.json").read_text())
+    assert reference["ptx_loss"] > 1.0 and reference["actor_loss"] != 0.0
+    weights = torch.load(tmp_path / "one" / "weights.pt", weights_only=True)
+    for out in ("one_uneven", "ddp", "fsdp"):
+        stats = json.loads((tmp_path / out / "stats.json").read_text())
+        for key, value in reference.items():
+            assert stats[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (out, key)
+        other = torch.load(tmp_path / out / "weights.pt", weights_only=True)
+        for model in weights:
+            for name in weights[model]:
+                assert torch.allclose(weights[model][name], other[model][name], atol=1e-5), (out, model, name)
+
+
+def torchrun_script(torchrun, script, positional, flags):
+    """torchrun a script that takes positional arguments before its flags (the fixture passes only flags)."""
+    launcher = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    command = [launcher, "--nproc_per_node=2", "--master_port=29536", script, *positional]
+    command += [item for name, value in flags.items() for item in (f"--{name}", value) if item]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
