@@ -4,7 +4,7 @@ r"""Stage 4: PPO-Lagrangian, the heart of Safe RLHF (eqs. 7-10), with the PPO an
     python ppo_lagrangian.py --algorithm ppo                         # reward only, λ ≡ 0 -> output/ppo
     python ppo_lagrangian.py --algorithm reward_shaping --cost_coef 1  # fixed R - ν·C -> output/reward_shaping_1.0
     python ppo_lagrangian.py --resume                                # continue an interrupted run
-    torchrun --nproc_per_node=8 ppo_lagrangian.py                    # the same run on 8 ranks (same global batch)
+    torchrun --nproc_per_node=8 ppo_lagrangian.py                    # on 8 ranks, the same global batches
 
 The paper's 7B run on 8 GPUs, with the original hyperparameters: README.md, "Real models and data".
 
@@ -527,6 +527,11 @@ def main(args):
     if args.ptx_coef > 0:
         max_length = args.max_prompt_length + args.max_new_tokens
         ptx_examples = make_examples(tokenizer, utils.load_rows(args.ptx_dataset, "sft", args.ptx_split), max_length)
+        if len(ptx_examples) < args.minibatch_size:
+            raise ValueError(
+                f"{args.ptx_dataset}: {len(ptx_examples)} conversations, fewer than one PTX minibatch "
+                f"(--minibatch_size {args.minibatch_size})"
+            )
 
     # ------------------------------------------------------------------ models
     # With --fsdp each model is sharded as soon as it is loaded: no GPU ever holds more than one whole model.

@@ -3,9 +3,9 @@ r"""Stage 1: supervised fine-tuning on conversations (the paper's Alpaca-7B star
     python sft.py                                     # toy model from its config, toy data -> output/sft
     torchrun --nproc_per_node=2 sft.py                # the same, data parallel (gloo on CPU, NCCL on GPU)
     python sft.py --resume                            # continue an interrupted run in output/sft
-    torchrun --nproc_per_node=8 sft.py --model_name_or_path huggyllama/llama-7b --dataset tatsu-lab/alpaca \
-        --eval_dataset none --max_length 512 --epochs 3 --batch_size 128 --micro_batch_size 4 \
-        --learning_rate 2e-5 --gradient_checkpointing
+    torchrun --nproc_per_node=8 sft.py                # the same run on 8 ranks (same global batch)
+
+The paper's 7B setup on 8 GPUs, every stage with the original hyperparameters: README.md, "Real models and data".
 
 The loss is the next-token cross-entropy on response tokens only (the prompt is masked); every
 response ends with EOS so the model learns to stop. `python sft.py --help` lists every flag.

@@ -3,10 +3,9 @@ r"""Stage 3: the cost model C, trained on harmlessness pairs with the BT loss pl
     python train_cost.py                                  # toy preference data, from output/sft -> output/cost
     torchrun --nproc_per_node=2 train_cost.py             # the same, data parallel
     python train_cost.py --resume                         # continue an interrupted run
-    torchrun --nproc_per_node=8 train_cost.py --model_name_or_path output/sft_alpaca \
-        --dataset PKU-Alignment/PKU-SafeRLHF --eval_dataset PKU-Alignment/PKU-SafeRLHF --max_length 512 \
-        --epochs 2 --batch_size 64 --micro_batch_size 4 --learning_rate 2e-5 --regularization 0.001 \
-        --gradient_checkpointing --output_dir output/cost_pku --reward_model output/reward_pku
+    torchrun --nproc_per_node=8 train_cost.py             # the same run on 8 ranks (same global batch)
+
+The paper's 7B setup on 8 GPUs, every stage with the original hyperparameters: README.md, "Real models and data".
 
 Sign convention: C > 0 means unsafe. `y_w` is the MORE HARMFUL response of a pair (the one not
 named by `safer_response_id`) and s(y) = +1 for a harmful response, -1 for a harmless one (from

@@ -3,10 +3,9 @@ r"""Stage 2: the reward model R, trained with the Bradley-Terry loss on helpfuln
     python train_reward.py                                # toy preference data, from output/sft -> output/reward
     torchrun --nproc_per_node=2 train_reward.py           # the same, data parallel
     python train_reward.py --resume                       # continue an interrupted run
-    torchrun --nproc_per_node=8 train_reward.py --model_name_or_path output/sft_alpaca \
-        --dataset PKU-Alignment/PKU-SafeRLHF --eval_dataset PKU-Alignment/PKU-SafeRLHF --max_length 512 \
-        --epochs 2 --batch_size 64 --micro_batch_size 4 --learning_rate 2e-5 --regularization 0.001 \
-        --gradient_checkpointing --output_dir output/reward_pku
+    torchrun --nproc_per_node=8 train_reward.py           # the same run on 8 ranks (same global batch)
+
+The paper's 7B setup on 8 GPUs, every stage with the original hyperparameters: README.md, "Real models and data".
 
 The score model is the SFT backbone with a linear score head; a response's score is read at the
 last real token of `prompt + response` (its EOS). `y_w` is the response named by

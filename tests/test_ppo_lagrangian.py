@@ -454,3 +454,22 @@ def torchrun_script(torchrun, script, positional, flags):
         command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_users_command_runs_at_eight_ranks_with_the_default_batches(tiny_models, tmp_path, torchrun):
+    """`torchrun --nproc_per_node=8 ppo_lagrangian.py` with the default --rollout_batch_size 48,
+    --minibatch_size 24 and --micro_batch_size 24: each rank takes 6 prompts and 3-row minibatches. λ and
+    Ĵ_C's window (all 48 episodes of the batch) are the same on every rank."""
+    defaults = ppo.Args()
+    batches = dict(rollout_batch_size=48, minibatch_size=24, micro_batch_size=24)
+    assert batches == {key: getattr(defaults, key) for key in batches}
+    changes = dict(iterations=2, lambda_lr=0.5, threshold=-100, **batches)
+    torchrun("ppo_lagrangian.py", 29539, vars(tiny_args(tiny_models, tmp_path, **changes)), nproc=8)
+    state = torch.load(tmp_path / "training_state.pt", weights_only=True)
+    assert len(state["rng"]) == 8 and len(set(state["log_lambda_per_rank"])) == 1
+    assert state["log_lambda"] > math.log(defaults.lambda_init)  # threshold -100 is violated: λ rose
+    assert len(state["episode_costs"]) == 96  # two batches of 48, every rank's episodes
+    records = read(tmp_path)
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[1]["episode_cost"] == pytest.approx(sum(state["episode_costs"]) / 96, abs=1e-5)
+    assert records[1]["episode_cost"] == pytest.approx((records[0]["cost"] + records[1]["cost"]) / 2, abs=1e-5)

@@ -120,3 +120,19 @@ def test_fsdp_two_ranks_match_one_process_and_resume(small_data, tmp_path, torch
     assert a.keys() == b.keys() == c.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5) and torch.allclose(a[name], c[name], atol=1e-5), name
+
+
+def test_default_batch_flags_at_eight_ranks_match_one_process(small_data, tmp_path, torchrun):
+    """`torchrun --nproc_per_node=8 sft.py` with the default --batch_size 32 and --micro_batch_size 32:
+    each rank takes 4 conversations of the same global batch of 32, and the steps are one process's."""
+    defaults = sft.Args()
+    changes = dict(batch_size=defaults.batch_size, micro_batch_size=defaults.micro_batch_size, max_steps=3)
+    sft.main(small_args(small_data, tmp_path / "single", **changes))
+    flags = dict(vars(small_args(small_data, tmp_path / "eight", **changes)))
+    torchrun("sft.py", 29538, flags, nproc=8)
+    single, eight = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "eight")
+    assert len(eight) == len(single) == 3
+    assert [r["loss"] for r in eight] == pytest.approx([r["loss"] for r in single], rel=1e-4)
+    a, b = load_file(tmp_path / "single" / "model.safetensors"), load_file(tmp_path / "eight" / "model.safetensors")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name

@@ -294,3 +294,67 @@ def test_a_frozen_sharded_model_frees_its_root_after_forward(tmp_path, torchrun)
     result = torchrun(str(probe), 29537, {})
     for rank in (0, 1):
         assert f"rank {rank}: head sharded after forward: (True, False)" in result.stdout
+
+
+# ----------------------------------------------------------------------------- batches over ranks
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4, 8])
+@pytest.mark.parametrize("stage", ["sft", "train_reward", "train_cost", "ppo_lagrangian"])
+def test_every_stage_splits_its_default_batches_over(stage, ranks):
+    """With its defaults a stage runs at 1, 2, 4 and 8 ranks: each rank takes batch / ranks items, in
+    micro-batches of at most micro_batch_size that together are exactly its share."""
+    args = importlib.import_module(stage).Args()
+    global_batches = [args.rollout_batch_size, args.minibatch_size] if stage == "ppo_lagrangian" else [args.batch_size]
+    for global_batch in global_batches:
+        share = utils.rank_share(global_batch, ranks, "batch")
+        assert share * ranks == global_batch
+        chunks = utils.micro_batches(list(range(share)), args.micro_batch_size)
+        assert sum(chunks, []) == list(range(share)) and all(len(c) <= args.micro_batch_size for c in chunks)
+
+
+def test_micro_batches_and_a_batch_that_cannot_be_split():
+    assert utils.micro_batches(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert utils.micro_batches([4, 5], 8) == [[4, 5]]
+    with pytest.raises(ValueError, match=r"--rollout_batch_size 48 cannot be split evenly over 5 ranks: .*45 or 50"):
+        utils.rank_share(48, 5, "rollout_batch_size")
+
+
+# ----------------------------------------------------------------------------- optimizer and training state
+
+
+def test_optimizer_as_the_original_no_decay_on_biases_and_norms(tmp_path):
+    model = utils.load_score_model(TOY_MODEL, utils.load_tokenizer(TOY_MODEL))
+    optimizer, scheduler = utils.optimizer_and_scheduler(model, 1e-3, 0.01, 0.1, 20)
+    decayed, not_decayed = optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decayed["weight_decay"] == 0.01 and not_decayed["weight_decay"] == 0.0
+    assert decayed["betas"] == (0.9, 0.95)
+    assert {names[id(p)] for p in not_decayed["params"]} == {
+        n for n, p in model.named_parameters() if "norm" in n or n.endswith("bias")
+    }
+    assert any("norm" in names[id(p)] for p in not_decayed["params"])
+    assert all(p.dim() == 2 for p in decayed["params"])  # projections, embeddings, the score head
+    # cosine: 2 warmup steps (10% of 20), then decay to 0; constant: the rate from the first step
+    rates = []
+    for _ in range(20):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:3] == pytest.approx([5e-4, 1e-3, 1e-3]) and rates[-1] < 1e-5
+    optimizer, scheduler = utils.optimizer_and_scheduler(model, 1e-3, 0.0, 0.1, 20, "constant")
+    assert scheduler.get_last_lr()[0] == 1e-3
+
+
+def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    utils.seed_everything(3)
+    random.random(), np.random.rand(), torch.rand(1)
+    torch.save({"rng": utils.rng_state()}, tmp_path / "state.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    utils.seed_everything(99)
+    utils.set_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
