@@ -96,7 +96,7 @@ class Args:
     gamma: float = 1.0
     """GAE discount γ"""
     gae_lambda: float = 0.95
-    """GAE λ"""
+    """λ_GAE of the advantage estimate (not the Lagrange multiplier λ)"""
     threshold: float = -5.5
     """-d: the constraint is E[C] <= threshold (C > 0 is unsafe)"""
     lambda_init: float = 0.25
@@ -166,18 +166,19 @@ def per_token_rewards(score, log_probs, ref_log_probs, mask, kl_coef, clip_range
 def gae(rewards, values, mask, gamma, gae_lambda):
     """Generalised advantage estimation over response tokens, and the critic's targets.
 
-    δ_t = r_t + γ V_{t+1} - V_t ;   A_t = δ_t + γ λ A_{t+1} ;   returns_t = A_t + V_t
-    with V and r zero after the first EOS, so the episode ends at the EOS.
+    δ_t = r_t + γ V_{t+1} - V_t ;   A_t = δ_t + γ λ_GAE A_{t+1} ;   returns_t = A_t + V_t
+    with V and r zero after the first EOS, so the episode ends at the EOS. (λ_GAE is `gae_lambda`, not
+    the Lagrange multiplier.)
     """
-    values, rewards = values * mask, rewards * mask
-    advantages = torch.zeros_like(rewards)
-    next_advantage = torch.zeros_like(rewards[:, 0])
+    values, rewards = values * mask, rewards * mask  # (B, N)
+    advantages = torch.zeros_like(rewards)  # (B, N)
+    next_advantage = torch.zeros_like(rewards[:, 0])  # (B,)
     for t in reversed(range(rewards.size(1))):
-        next_value = values[:, t + 1] if t + 1 < rewards.size(1) else torch.zeros_like(values[:, t])
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_advantage = delta + gamma * gae_lambda * next_advantage
+        next_value = values[:, t + 1] if t + 1 < rewards.size(1) else torch.zeros_like(values[:, t])  # (B,)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # (B,)
+        next_advantage = delta + gamma * gae_lambda * next_advantage  # (B,)
         advantages[:, t] = next_advantage
-    return advantages * mask, (advantages + values) * mask
+    return advantages * mask, (advantages + values) * mask  # (B, N) each
 
 
 def combined_advantages(reward_advantages, cost_advantages, lagrange_multiplier):
@@ -216,9 +217,18 @@ def lagrange_multiplier_update(log_lambda, episode_cost, threshold, lambda_lr, l
     return min(log_lambda, math.log(lambda_max))
 
 
+def token_mean(values, mask):
+    """Mean of `values` over the tokens where mask is 1 (for the log)."""
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
 def explained_variance(values, returns, mask):
-    """1 - Var(R̂ - V) / Var(R̂): 1 is a perfect critic, 0 no better than a constant."""
-    return (1 - utils.masked_var(returns - values, mask) / utils.masked_var(returns, mask).clamp(min=1e-8)).item()
+    """1 - Var(R̂ - V) / Var(R̂) over response tokens: 1 is a perfect critic, 0 no better than a constant."""
+
+    def variance(x):
+        return token_mean((x - token_mean(x, mask)) ** 2, mask)
+
+    return (1 - variance(returns - values) / variance(returns).clamp(min=1e-8)).item()
 
 
 # ----------------------------------------------------------------------------- rollout
@@ -251,44 +261,62 @@ def critic_values(critic, sequences, attention_mask, prompt_length):
 def end_scores(scorer, scorer_tokenizer, tokenizer, sequences, attention_mask, prompts, response_ids, max_lengths):
     """R or C of each response, read at its last token; re-tokenised from text if the scorer's tokenizer differs."""
     if scorer_tokenizer.get_vocab() == tokenizer.get_vocab():
-        return scorer.end_scores(sequences, attention_mask)
+        return scorer.end_scores(sequences, attention_mask)  # (B,)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in response_ids]
     ended = [len(ids) > 0 and ids[-1] == tokenizer.eos_token_id for ids in response_ids]
-    return utils.score_texts(scorer, scorer_tokenizer, prompts, texts, *max_lengths, ended)
+    return utils.score_texts(scorer, scorer_tokenizer, prompts, texts, *max_lengths, ended)  # (B,)
+
+
+@dataclass
+class Rollout:
+    """One rollout batch: what the PPO update needs (`batch`) and what the log shows."""
+
+    batch: dict  # tensors with one row per episode: sequences, attention_mask, mask, log_probs, and per stream
+    # (reward, cost) its values, advantages and returns; ppo_update takes minibatches of their rows
+    prompt_length: int  # P: sequences[:, :P] are the left-padded prompts, sequences[:, P:] the responses
+    reward: torch.Tensor  # (B,) R of each response
+    cost: torch.Tensor  # (B,) C of each response (0 for PPO, which has no cost model)
+    stats: dict  # means over the batch, for the log
+    texts: list  # the responses, decoded
 
 
 @torch.no_grad()
 def rollout(args, models, tokenizer, prompts, dtype=torch.float32):
     """Generate responses to `prompts` and compute everything the PPO update needs.
 
+    models: "actor", "reference", "reward_critic", "cost_critic" (None for the baselines), and the
+    frozen scorers "reward" and "cost" (None for PPO) as (model, its tokenizer).
     Forward passes run under the same autocast as the update, so old and new log-probs agree.
     """
-    actor, reference, reward_model, cost_model, reward_critic, cost_critic = models
     prompt_ids = [utils.tokenize_prompt(tokenizer, p, args.max_prompt_length) for p in prompts]
-    actor.eval()  # generation with the KV cache on the unwrapped model
-    sequences, prompt_length = utils.generate(actor, tokenizer, prompt_ids, args.max_new_tokens, args.temperature)
-    responses = sequences[:, prompt_length:]
-    mask = response_mask(responses, tokenizer.eos_token_id)  # (B, N)
-    prompt_mask = sequences[:, :prompt_length] != tokenizer.pad_token_id
-    attention_mask = torch.cat([prompt_mask.long(), mask.long()], dim=1)
+    models["actor"].eval()  # generation with the KV cache on the unwrapped model
+    sequences, prompt_length = utils.generate(
+        models["actor"], tokenizer, prompt_ids, args.max_new_tokens, args.temperature
+    )  # (B, P + N)
+    responses = sequences[:, prompt_length:]  # (B, N)
+    mask = response_mask(responses, tokenizer.eos_token_id)  # (B, N): 1 up to and including the first EOS
+    prompt_mask = sequences[:, :prompt_length] != tokenizer.pad_token_id  # (B, P)
+    attention_mask = torch.cat([prompt_mask.long(), mask.long()], dim=1)  # (B, P + N)
     response_ids = [row[: int(m.sum())] for row, m in zip(responses.tolist(), mask)]
     max_lengths = (args.max_prompt_length, args.max_new_tokens)
 
     # Old log-probs with a full forward pass (not the generation's), the reference's, the scores, the values.
+    inputs = (sequences, attention_mask, prompt_length)
     with utils.autocast(sequences.device, dtype):
-        logits = actor_forward(actor, sequences, attention_mask, prompt_length)
-        ref_logits = actor_forward(reference, sequences, attention_mask, prompt_length)
-        reward = end_scores(*reward_model, tokenizer, sequences, attention_mask, prompts, response_ids, max_lengths)
-        cost = torch.zeros_like(reward)
-        if cost_model is not None:
-            cost = end_scores(*cost_model, tokenizer, sequences, attention_mask, prompts, response_ids, max_lengths)
-        reward_values = critic_values(reward_critic, sequences, attention_mask, prompt_length) * mask
-        if cost_critic is not None:
-            cost_values = critic_values(cost_critic, sequences, attention_mask, prompt_length) * mask
-    log_probs = token_log_probs(logits, responses, args.temperature)
-    ref_log_probs = token_log_probs(ref_logits, responses, args.temperature)
-    tempered = F.log_softmax(logits.float() / args.temperature, dim=-1)
-    entropy = utils.masked_mean(-(tempered.exp() * tempered).sum(-1), mask)
+        logits = actor_forward(models["actor"], *inputs)  # (B, N, V)
+        ref_logits = actor_forward(models["reference"], *inputs)  # (B, N, V)
+        scored = (tokenizer, sequences, attention_mask, prompts, response_ids, max_lengths)
+        reward = end_scores(*models["reward"], *scored)  # (B,)
+        cost = torch.zeros_like(reward)  # (B,)
+        if models["cost"] is not None:
+            cost = end_scores(*models["cost"], *scored)  # (B,)
+        reward_values = critic_values(models["reward_critic"], *inputs) * mask  # (B, N)
+        if models["cost_critic"] is not None:
+            cost_values = critic_values(models["cost_critic"], *inputs) * mask  # (B, N)
+    log_probs = token_log_probs(logits, responses, args.temperature)  # (B, N)
+    ref_log_probs = token_log_probs(ref_logits, responses, args.temperature)  # (B, N)
+    tempered = F.log_softmax(logits.float() / args.temperature, dim=-1)  # (B, N, V)
+    entropy = token_mean(-(tempered.exp() * tempered).sum(-1), mask)
 
     # The reward stream: R for PPO-Lag and PPO; R - ν·C for reward shaping.
     score = reward
@@ -297,7 +325,7 @@ def rollout(args, models, tokenizer, prompts, dtype=torch.float32):
             -args.clip_range_score, args.clip_range_score
         )
     rewards = per_token_rewards(score, log_probs, ref_log_probs, mask, args.kl_coef, args.clip_range_score, -1)
-    reward_advantages, reward_returns = gae(rewards, reward_values, mask, args.gamma, args.gae_lambda)
+    reward_advantages, reward_returns = gae(rewards, reward_values, mask, args.gamma, args.gae_lambda)  # (B, N)
     batch = dict(
         sequences=sequences,
         attention_mask=attention_mask,
@@ -307,11 +335,11 @@ def rollout(args, models, tokenizer, prompts, dtype=torch.float32):
         reward_advantages=reward_advantages,
         reward_returns=reward_returns,
     )
-    if cost_critic is not None:
+    if models["cost_critic"] is not None:
         costs = per_token_rewards(cost, log_probs, ref_log_probs, mask, args.kl_coef, args.clip_range_score, +1)
-        cost_advantages, cost_returns = gae(costs, cost_values, mask, args.gamma, args.gae_lambda)
+        cost_advantages, cost_returns = gae(costs, cost_values, mask, args.gamma, args.gae_lambda)  # (B, N)
         batch.update(cost_values=cost_values, cost_advantages=cost_advantages, cost_returns=cost_returns)
-    kl = ((log_probs - ref_log_probs) * mask).sum(-1)  # per sequence
+    kl = ((log_probs - ref_log_probs) * mask).sum(-1)  # (B,): each response's KL estimate
     stats = dict(
         reward=reward.mean().item(),
         cost=cost.mean().item(),
@@ -321,10 +349,10 @@ def rollout(args, models, tokenizer, prompts, dtype=torch.float32):
         eos_rate=(responses == tokenizer.eos_token_id).any(-1).float().mean().item(),
         reward_explained_variance=explained_variance(reward_values, reward_returns, mask),
     )
-    if cost_critic is not None:
+    if models["cost_critic"] is not None:
         stats["cost_explained_variance"] = explained_variance(cost_values, cost_returns, mask)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in response_ids]
-    return batch, prompt_length, reward, cost, stats, texts
+    return Rollout(batch, prompt_length, reward, cost, stats, texts)
 
 
 # ----------------------------------------------------------------------------- training
@@ -365,7 +393,10 @@ def collate(examples, pad_token_id, device):
     return input_ids, attention_mask, labels
 
 
-def ptx_minibatch(args, ptx_examples, update_step, ctx, pad_token_id):
+UPDATE_STATISTICS = ("actor_loss", "approx_kl", "clip_fraction", "reward_value_loss", "cost_value_loss", "ptx_loss")
+
+
+def ptx_minibatch(args, ptx_examples, update_step, process, pad_token_id):
     """The PTX data of one update: minibatch_size SFT conversations, the same global batch at any number
     of ranks (epochs of seeded shuffles); this rank's share of them, collated per micro-batch, and the
     label tokens of the whole global batch (the PTX loss is their mean)."""
@@ -374,43 +405,34 @@ def ptx_minibatch(args, ptx_examples, update_step, ctx, pad_token_id):
     picks = utils.global_batch(len(ptx_examples), args.minibatch_size, args.seed, update_step)
     examples = [ptx_examples[i] for i in picks]
     n_tokens = sum(label != -100 for _, labels in examples for label in labels[1:])
-    share = args.minibatch_size // ctx.world_size
-    mine = examples[ctx.rank * share : (ctx.rank + 1) * share]
+    share = args.minibatch_size // process.world_size
+    mine = examples[process.rank * share : (process.rank + 1) * share]
     return [
-        collate(chunk, pad_token_id, ctx.device) for chunk in utils.micro_batches(mine, args.micro_batch_size)
+        collate(chunk, pad_token_id, process.device) for chunk in utils.micro_batches(mine, args.micro_batch_size)
     ], n_tokens
 
 
 def ppo_update(
-    args,
-    wrapped,
-    optimizers,
-    schedulers,
-    batch,
-    rows,
-    n_sequences,
-    prompt_length,
-    lagrange_multiplier,
-    ptx_batches,
-    n_ptx_tokens,
+    args, wrapped, optimizers, schedulers, rollout, rows, n_sequences, lagrange_multiplier, ptx_batches, n_ptx_tokens,
     dtype,
-):
+):  # fmt: skip
     """One optimizer step of the actor and of each critic on one minibatch. `rows`: this rank's rows of the
-    rollout batch in it (n_sequences over all ranks), in micro-batches of at most micro_batch_size;
+    Rollout's batch in it (n_sequences over all ranks), in micro-batches of at most micro_batch_size;
     `ptx_batches`: one collated SFT batch per micro-batch (n_ptx_tokens: their label tokens on all ranks).
 
     The actor minimises the clipped surrogate + ptx_coef · the PTX loss (the SFT loss, a mean over response
     tokens); each critic its clipped value loss. Each loss of a micro-batch is its share of the minibatch
     mean over all ranks, so the step does not depend on how the minibatch is split.
-    Returns this rank's share of each logged statistic: summed over ranks, the minibatch means.
+    Returns {statistic: this rank's share}: summed over ranks, the minibatch means.
     """
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    prompt_length = rollout.prompt_length
     chunks = utils.micro_batches(rows, args.micro_batch_size)
-    stats = torch.zeros(6, device=batch["mask"].device)
+    stats = torch.zeros(len(UPDATE_STATISTICS), device=rollout.reward.device)
     for micro_step, chunk in enumerate(chunks):
         for model in wrapped.values():
             utils.set_gradient_sync(model, micro_step, len(chunks))
-        mb = {key: value[chunk] for key, value in batch.items()}
+        mb = {key: value[chunk] for key, value in rollout.batch.items()}
         mask = mb["mask"]
         with utils.autocast(mask.device, dtype):
             logits = actor_forward(wrapped["actor"], mb["sequences"], mb["attention_mask"], prompt_length)
@@ -460,7 +482,7 @@ def ppo_update(
         optimizers[name].step()
         schedulers[name].step()
         optimizers[name].zero_grad(set_to_none=True)
-    return stats
+    return dict(zip(UPDATE_STATISTICS, stats))
 
 
 # Copied from sft.sample_and_judge
@@ -505,12 +527,12 @@ def main(args):
         )
     lagrangian = args.algorithm == "ppo_lag"
     output_dir = default_output_dir(args)
-    ctx = utils.setup_distributed()
-    dtype = utils.resolve_dtype(args.dtype, ctx.device)
+    process = utils.setup_distributed()
+    dtype = utils.resolve_dtype(args.dtype, process.device)
     # The same global batches at any number of ranks: each rank takes its share of them.
-    per_rank = utils.rank_share(args.rollout_batch_size, ctx.world_size, "rollout_batch_size")
-    minibatch_per_rank = utils.rank_share(args.minibatch_size, ctx.world_size, "minibatch_size")
-    utils.seed_everything(args.seed + ctx.rank)  # each rank samples different responses
+    per_rank = utils.rank_share(args.rollout_batch_size, process.world_size, "rollout_batch_size")
+    minibatch_per_rank = utils.rank_share(args.minibatch_size, process.world_size, "minibatch_size")
+    utils.seed_everything(args.seed + process.rank)  # each rank samples different responses
     os.makedirs(output_dir, exist_ok=True)
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
 
@@ -538,13 +560,13 @@ def main(args):
     def frozen(model):
         utils.disable_dropout(model)
         model = model.to(dtype).eval().requires_grad_(False)
-        return utils.shard(model, dtype) if args.fsdp and ctx.world_size > 1 else model.to(ctx.device)
+        return utils.shard(model, dtype) if args.fsdp and process.world_size > 1 else model.to(process.device)
 
     def trainable(model):
         utils.disable_dropout(model)
         if args.gradient_checkpointing:
             utils.enable_gradient_checkpointing(model.model if isinstance(model, utils.ScoreModel) else model)
-        return utils.wrap(model, ctx, args.fsdp, dtype)  # on the device; DDP or FSDP under torchrun
+        return utils.wrap(model, process, args.fsdp, dtype)  # on the device; DDP or FSDP under torchrun
 
     def critic(name, default):
         """A critic reads the actor's tokens, so it needs the actor's tokenizer (the scorers need not)."""
@@ -568,12 +590,12 @@ def main(args):
         cost_model = (frozen(utils.load_score_model(args.cost_model, cost_tokenizer)), cost_tokenizer)
     if lagrangian:
         wrapped["cost_critic"] = critic("cost_critic", args.cost_model)
-    trained = {name: utils.unwrap(model) for name, model in wrapped.items()}  # without DDP's wrapper
-    actor = trained["actor"]
+    raw_models = {name: utils.unwrap(model) for name, model in wrapped.items()}  # without DDP's wrapper
+    actor = raw_models["actor"]
     # AdamW as the original: betas (0.9, 0.95), no decay on biases and norms, warmup then cosine or constant.
     updates_per_iteration = args.ppo_epochs * (args.rollout_batch_size // args.minibatch_size)
     optimizers, schedulers = {}, {}
-    for name, model in trained.items():
+    for name, model in raw_models.items():
         role = "actor" if name == "actor" else "critic"
         optimizers[name], schedulers[name] = utils.optimizer_and_scheduler(
             model,
@@ -591,31 +613,31 @@ def main(args):
     iteration = 0
     if args.resume:
         state = utils.load_training_state(output_dir)
-        if len(state["rng"]) != ctx.world_size:
+        if len(state["rng"]) != process.world_size:
             raise ValueError(
-                f"{output_dir} was saved by a run on {len(state['rng'])} rank(s) and this one has {ctx.world_size}: "
+                f"{output_dir} was saved by a run on {len(state['rng'])} rank(s) and this one has {process.world_size}: "
                 "a PPO run resumes on as many ranks as it ran on (each rank's sampling RNG is part of the state)"
             )
         for name, optimizer in optimizers.items():
-            utils.load_optimizer_state(trained[name], optimizer, state["optimizers"][name])
+            utils.load_optimizer_state(raw_models[name], optimizer, state["optimizers"][name])
             schedulers[name].load_state_dict(state["schedulers"][name])
         log_lambda, iteration = state["log_lambda"], state["iteration"]
         episode_costs.extend(state["episode_costs"])
-        utils.set_rng_state(state["rng"][ctx.rank])
-        if ctx.is_main:
+        utils.set_rng_state(state["rng"][process.rank])
+        if process.is_main:
             utils.trim_metrics(metrics_path, iteration)
         utils.print0(f"resumed from {output_dir} at iteration {iteration}")
-    elif ctx.is_main and os.path.exists(metrics_path):
+    elif process.is_main and os.path.exists(metrics_path):
         os.remove(metrics_path)
 
     def save():  # on every rank: FSDP gathers the shards
         mine = (utils.rng_state(), log_lambda)  # every rank's RNG and λ
         gathered = [mine]
-        if ctx.world_size > 1:
-            gathered = [None] * ctx.world_size
+        if process.world_size > 1:
+            gathered = [None] * process.world_size
             torch.distributed.all_gather_object(gathered, mine)
         state = {
-            "optimizers": {name: utils.optimizer_state(trained[name], opt) for name, opt in optimizers.items()},
+            "optimizers": {name: utils.optimizer_state(raw_models[name], opt) for name, opt in optimizers.items()},
             "schedulers": {name: scheduler.state_dict() for name, scheduler in schedulers.items()},
             "log_lambda": log_lambda,
             "iteration": iteration,
@@ -624,7 +646,7 @@ def main(args):
             "log_lambda_per_rank": [value for _, value in gathered],  # identical: every rank sees the same window
             "args": vars(args),
         }
-        critics = {name: model.model for name, model in trained.items() if name != "actor"}
+        critics = {name: model.model for name, model in raw_models.items() if name != "actor"}
         utils.save_checkpoint(output_dir, actor, tokenizer, state, submodels=critics)
 
     # ------------------------------------------------------------------ the loop
@@ -635,15 +657,16 @@ def main(args):
         # Prompts: epochs of seeded shuffles of the prompt set; each rank takes its slice of the batch.
         positions = range(iteration * args.rollout_batch_size, (iteration + 1) * args.rollout_batch_size)
         batch_prompts = [prompts[prompt_order(len(prompts), args.seed, p)] for p in positions]
-        batch_prompts = batch_prompts[ctx.rank * per_rank : (ctx.rank + 1) * per_rank]
+        batch_prompts = batch_prompts[process.rank * per_rank : (process.rank + 1) * per_rank]
         iteration_started = time.time()
-        models = (actor, reference, reward_model, cost_model, trained["reward_critic"], trained.get("cost_critic"))
-        batch, prompt_length, reward, cost, stats, texts = rollout(args, models, tokenizer, batch_prompts, dtype)
-        stats["rollout_seconds"] = time.time() - iteration_started
+        models = dict(actor=actor, reference=reference, reward=reward_model, cost=cost_model)
+        models.update(reward_critic=raw_models["reward_critic"], cost_critic=raw_models.get("cost_critic"))
+        episodes = rollout(args, models, tokenizer, batch_prompts, dtype)
+        episodes.stats["rollout_seconds"] = time.time() - iteration_started
 
         # λ first, as the original: gradient ascent on the dual with Ĵ_C, the mean cost of the window that
         # now holds this batch's episodes (every rank's, in the order of the global batch).
-        episode_costs.extend(utils.all_gather(cost).tolist())
+        episode_costs.extend(utils.all_gather(episodes.cost).tolist())
         episode_cost = sum(episode_costs) / len(episode_costs)
         if lagrangian and iteration >= args.lambda_update_delay:
             log_lambda = lagrange_multiplier_update(
@@ -651,48 +674,46 @@ def main(args):
             )
 
         # PPO with the new λ: epochs of shuffled minibatches; each rank updates on its rows of each.
-        for model in trained.values():
+        for model in raw_models.values():
             model.train()
-        update_stats, n_updates = torch.zeros(6, device=ctx.device), 0
+        update_stats, n_updates = torch.zeros(len(UPDATE_STATISTICS), device=process.device), 0
         for _ in range(args.ppo_epochs):
             permutation = torch.randperm(per_rank).tolist()
             for start in range(0, per_rank, minibatch_per_rank):
                 update_step = iteration * updates_per_iteration + n_updates
-                ptx_batches, n_ptx_tokens = ptx_minibatch(args, ptx_examples, update_step, ctx, tokenizer.pad_token_id)
-                update_stats += ppo_update(
-                    args,
-                    wrapped,
-                    optimizers,
-                    schedulers,
-                    batch,
-                    permutation[start : start + minibatch_per_rank],
-                    args.minibatch_size,
-                    prompt_length,
-                    math.exp(log_lambda),
-                    ptx_batches,
-                    n_ptx_tokens,
-                    dtype,
+                ptx_batches, n_ptx_tokens = ptx_minibatch(
+                    args, ptx_examples, update_step, process, tokenizer.pad_token_id
                 )
+                minibatch_stats = ppo_update(
+                    args, wrapped, optimizers, schedulers, episodes, permutation[start : start + minibatch_per_rank],
+                    args.minibatch_size, math.exp(log_lambda), ptx_batches, n_ptx_tokens, dtype,
+                )  # fmt: skip
+                update_stats += torch.stack(list(minibatch_stats.values()))
                 n_updates += 1
         iteration += 1
 
         # ------------------------------------------------------------------ logging
-        names = ["actor_loss", "approx_kl", "clip_fraction", "reward_value_loss", "cost_value_loss", "ptx_loss"]
         update_stats = utils.all_reduce_sum(update_stats) / n_updates  # means over the minibatches
-        rollout_stats = utils.all_reduce_sum(torch.tensor(list(stats.values()), device=ctx.device)) / ctx.world_size
-        record = {"step": iteration, "split": "train", **dict(zip(stats, rollout_stats.tolist()))}
-        record.update(dict(zip(names, update_stats.tolist())))
+        stats = episodes.stats
+        rollout_stats = utils.all_reduce_sum(torch.tensor(list(stats.values()), device=process.device))
+        record = {
+            "step": iteration,
+            "split": "train",
+            **dict(zip(stats, (rollout_stats / process.world_size).tolist())),
+        }
+        record.update(dict(zip(UPDATE_STATISTICS, update_stats.tolist())))
         record.update(episode_cost=episode_cost, threshold=args.threshold, seconds=time.time() - iteration_started)
         record["lambda"] = math.exp(log_lambda)  # the λ of this iteration's update; 0 for PPO and reward shaping
         record["actor_lr"] = schedulers["actor"].get_last_lr()[0]
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.2f}", cost=f"{record['cost']:.2f}", lam=f"{record['lambda']:.2f}")
-        if ctx.is_main:
+        if process.is_main:
             utils.log_metrics(metrics_path, record)
             if iteration % args.sample_every == 0 or iteration == 1:
+                rewards, costs = episodes.reward.tolist(), episodes.cost.tolist()
                 samples = [
                     {"prompt": p, "response": r, "reward": round(rw, 3), "cost": round(c, 3)}
-                    for p, r, rw, c in list(zip(batch_prompts, texts, reward.tolist(), cost.tolist()))[:3]
+                    for p, r, rw, c in list(zip(batch_prompts, episodes.texts, rewards, costs))[:3]
                 ]
                 utils.log_metrics(metrics_path, {"step": iteration, "split": "samples", "samples": samples})
         if iteration % args.save_every == 0 or iteration == last_iteration:
@@ -700,10 +721,10 @@ def main(args):
     bar.close()
 
     # ------------------------------------------------------------------ a look at the policy
-    if args.eval_prompts != "none" and (ctx.is_main or args.fsdp):  # FSDP: every rank takes part
+    if args.eval_prompts != "none" and (process.is_main or args.fsdp):  # FSDP: every rank takes part
         rows = utils.load_rows(args.eval_prompts, "prompt")
         summary = sample_and_judge(actor, tokenizer, rows, args.max_prompt_length, args.max_new_tokens)
-        if summary and ctx.is_main:
+        if summary and process.is_main:
             utils.log_metrics(metrics_path, {"step": iteration, "split": "eval", **summary})
             utils.print0("judge on greedy answers: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
     utils.print0(f"saved to {output_dir} after {iteration} iterations in {time.time() - started:.0f}s")

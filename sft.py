@@ -105,18 +105,18 @@ def collate(examples, pad_token_id, device):
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples, pad_token_id, dtype, batch_size, ctx):
+def evaluate_loss(model, examples, pad_token_id, dtype, batch_size, process):
     """Mean response-token loss over the eval set; each rank takes a slice, sums are all-reduced."""
     model.eval()
-    totals = torch.zeros(2, device=ctx.device)  # (summed loss, token count)
+    totals = torch.zeros(2, device=process.device)  # (summed loss, token count)
     # Every rank runs as many batches (FSDP gathers weights in each forward): fillers have no label.
     mine = [
         examples[i] if i >= 0 else (examples[0][0], [-100] * len(examples[0][0]))
-        for i in utils.my_share(len(examples), ctx)
+        for i in utils.my_share(len(examples), process)
     ]
     for start in range(0, len(mine), batch_size):
-        input_ids, attention_mask, labels = collate(mine[start : start + batch_size], pad_token_id, ctx.device)
-        with utils.autocast(ctx.device, dtype):
+        input_ids, attention_mask, labels = collate(mine[start : start + batch_size], pad_token_id, process.device)
+        with utils.autocast(process.device, dtype):
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         totals += torch.stack([sft_loss_sum(logits, labels), (labels[:, 1:] != -100).sum().float()])
     utils.all_reduce_sum(totals)
@@ -152,10 +152,10 @@ def sample_and_judge(model, tokenizer, prompt_rows, max_prompt_length, max_new_t
 
 def main(args):
     # ------------------------------------------------------------------ setup
-    ctx = utils.setup_distributed()
-    dtype = utils.resolve_dtype(args.dtype, ctx.device)
+    process = utils.setup_distributed()
+    dtype = utils.resolve_dtype(args.dtype, process.device)
     per_rank = utils.rank_share(
-        args.batch_size, ctx.world_size, "batch_size"
+        args.batch_size, process.world_size, "batch_size"
     )  # the same global batch at any rank count
     utils.seed_everything(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -171,7 +171,7 @@ def main(args):
         )
     total_steps = len(train) // args.batch_size * args.epochs  # the last partial batch is dropped
     utils.print0(
-        f"{len(train)} training conversations, {total_steps} steps of {args.batch_size}, {ctx.world_size} rank(s)"
+        f"{len(train)} training conversations, {total_steps} steps of {args.batch_size}, {process.world_size} rank(s)"
     )
 
     # ------------------------------------------------------------------ model and optimizer
@@ -180,15 +180,15 @@ def main(args):
     if args.gradient_checkpointing:
         utils.enable_gradient_checkpointing(model)
     model.train()
-    model = utils.wrap(model, ctx, args.fsdp, dtype)  # on the device; DDP or FSDP under torchrun
+    model = utils.wrap(model, process, args.fsdp, dtype)  # on the device; DDP or FSDP under torchrun
     raw_model = utils.unwrap(model)
     optimizer, scheduler = utils.optimizer_and_scheduler(
         raw_model, args.learning_rate, args.weight_decay, args.warmup_ratio, total_steps
     )
     step = utils.restore_training_state(args.output_dir, raw_model, optimizer, scheduler) if args.resume else 0
-    if args.resume and ctx.is_main:
+    if args.resume and process.is_main:
         utils.trim_metrics(metrics_path, step)  # lines logged after that checkpoint are redone
-    if not args.resume and ctx.is_main and os.path.exists(metrics_path):
+    if not args.resume and process.is_main and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run starts a fresh log
 
     def save():  # on every rank: FSDP gathers the shards
@@ -203,17 +203,17 @@ def main(args):
         batch = [train[i] for i in utils.global_batch(len(train), args.batch_size, args.seed, step)]
         # The loss is the mean over all response tokens of the global batch, however it is split.
         n_tokens = sum(sum(label != -100 for label in labels[1:]) for _, labels in batch)
-        mine = batch[ctx.rank * per_rank : (ctx.rank + 1) * per_rank]
+        mine = batch[process.rank * per_rank : (process.rank + 1) * per_rank]
         chunks = utils.micro_batches(mine, args.micro_batch_size)  # micro_batch_size is an upper bound
-        train_loss = torch.zeros((), device=ctx.device)
+        train_loss = torch.zeros((), device=process.device)
         for micro_step, chunk in enumerate(chunks):
-            input_ids, attention_mask, labels = collate(chunk, tokenizer.pad_token_id, ctx.device)
+            input_ids, attention_mask, labels = collate(chunk, tokenizer.pad_token_id, process.device)
             utils.set_gradient_sync(model, micro_step, len(chunks))
-            with utils.autocast(ctx.device, dtype):
+            with utils.autocast(process.device, dtype):
                 logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
             loss = sft_loss_sum(logits, labels) / n_tokens
             # DDP and FSDP average gradients over ranks; undo that so they are of the global-batch mean.
-            (loss * ctx.world_size).backward()
+            (loss * process.world_size).backward()
             train_loss += loss.detach()
             tokens_seen += attention_mask.sum().item()
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
@@ -226,13 +226,13 @@ def main(args):
         if step % args.log_every == 0 or step == last_step:
             utils.all_reduce_sum(train_loss)
             record = {"step": step, "split": "train", "loss": train_loss.item(), "lr": scheduler.get_last_lr()[0]}
-            record["tokens_per_second"] = tokens_seen * ctx.world_size / (time.time() - started)
+            record["tokens_per_second"] = tokens_seen * process.world_size / (time.time() - started)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
-            if ctx.is_main:
+            if process.is_main:
                 utils.log_metrics(metrics_path, record)
         if evaluation and (step % args.eval_every == 0 or step == last_step):
-            eval_loss = evaluate_loss(model, evaluation, tokenizer.pad_token_id, dtype, args.micro_batch_size, ctx)
-            if ctx.is_main:
+            eval_loss = evaluate_loss(model, evaluation, tokenizer.pad_token_id, dtype, args.micro_batch_size, process)
+            if process.is_main:
                 bar.write(f"step {step}: eval loss {eval_loss:.4f}")
                 utils.log_metrics(metrics_path, {"step": step, "split": "eval", "loss": eval_loss})
         if step % args.save_every == 0 or step == last_step:
@@ -240,11 +240,11 @@ def main(args):
     bar.close()
 
     # ------------------------------------------------------------------ a look at what it learned
-    if args.sample_prompts != "none" and step == total_steps and (ctx.is_main or args.fsdp):  # FSDP: all ranks
+    if args.sample_prompts != "none" and step == total_steps and (process.is_main or args.fsdp):  # FSDP: all ranks
         summary = sample_and_judge(
             raw_model, tokenizer, utils.load_rows(args.sample_prompts, "prompt"), args.max_length, args.max_length
         )
-        if summary and ctx.is_main:
+        if summary and process.is_main:
             utils.log_metrics(metrics_path, {"step": step, "split": "eval", **summary})
             utils.print0("judge on greedy answers: " + json.dumps({k: round(v, 3) for k, v in summary.items()}))
     utils.print0(f"saved to {args.output_dir} after {step} steps in {time.time() - started:.0f}s")

@@ -7,10 +7,9 @@ r"""Stage 2: the reward model R, trained with the Bradley-Terry loss on helpfuln
 
 The paper's 7B setup on 8 GPUs, every stage with the original hyperparameters: README.md, "Real models and data".
 
-The score model is the SFT backbone with a linear score head; a response's score is read at the
-last real token of `prompt + response` (its EOS). `y_w` is the response named by
-`better_response_id`. The training loop here (`train`) is shared with train_cost.py, which only
-brings its own loss and evaluation.
+The score model is the SFT backbone with a linear score head (utils.ScoreModel); a response's score
+is read at the last real token of `prompt + response` (its EOS). y_w is the response named by
+`better_response_id`, y_l the other one.
 """
 
 import os
@@ -86,46 +85,77 @@ def reward_loss(better_rewards, worse_rewards, regularization=0.0):
     return loss
 
 
-def reward_pairs(rows, where=None):
-    """(prompt, y_w, y_l, s_w, s_l) per row: y_w is the more helpful response. Signs are unused here."""
+@dataclass
+class Pair:
+    """A helpfulness comparison: the prompt x, y_w the more helpful response, y_l the other one."""
+
+    prompt: str
+    better: str
+    worse: str
+
+
+def reward_pairs(rows):
     return [
-        (
+        Pair(
             row["prompt"],
             row[f"response_{row['better_response_id']}"],
             row[f"response_{1 - row['better_response_id']}"],
-            0,
-            0,
         )
         for row in rows
     ]
 
 
 def tokenize_pairs(tokenizer, pairs, max_length):
-    """Token ids of both conversations of each pair, plus the signs."""
+    """{"better": ids, "worse": ids} of each pair: prompt + response + EOS, cut to max_length."""
     return [
-        (
-            utils.tokenize_conversation(tokenizer, prompt, y_w, max_length)[0],
-            utils.tokenize_conversation(tokenizer, prompt, y_l, max_length)[0],
-            s_w,
-            s_l,
-        )
-        for prompt, y_w, y_l, s_w, s_l in pairs
+        {
+            "better": utils.tokenize_conversation(tokenizer, pair.prompt, pair.better, max_length)[0],
+            "worse": utils.tokenize_conversation(tokenizer, pair.prompt, pair.worse, max_length)[0],
+        }
+        for pair in pairs
     ]
 
 
-def pair_scores(model, pairs, pad_token_id, device, dtype):
-    """End scores of y_w and y_l for a list of tokenized pairs, in one right-padded forward pass."""
-    input_ids, attention_mask = utils.batch_inputs([p[0] for p in pairs] + [p[1] for p in pairs], pad_token_id, device)
+def pair_scores(model, first, second, pad_token_id, device, dtype):
+    """End scores of two lists of conversations (token ids), in one right-padded forward pass."""
+    input_ids, attention_mask = utils.batch_inputs(first + second, pad_token_id, device)  # (2B, T)
     with utils.autocast(device, dtype):
-        scores = model(input_ids, attention_mask)  # (2B, T)
-    end_scores = utils.end_of_sequence(scores, attention_mask)  # (2B,)
-    return end_scores[: len(pairs)], end_scores[len(pairs) :]
+        scores = model(input_ids, attention_mask)  # (2B, T): a score at every token
+    end_scores = utils.end_of_sequence(scores, attention_mask)  # (2B,): the score at each last real token
+    return end_scores[: len(first)], end_scores[len(first) :]
 
 
 @torch.no_grad()
-def evaluate_reward(model, pairs, pad_token_id, device, dtype, batch_size, ctx):
+def score_all(model, first, second, pad_token_id, device, dtype, batch_size, process):
+    """End scores of every pair of conversations, each rank scoring a slice; gathered in the original order."""
+    model.eval()
+    mine = utils.my_share(len(first), process)  # -1: a filler, scored and dropped (FSDP needs equal passes)
+    scores = torch.zeros(2, len(first), device=device)
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start : start + batch_size]
+        a, b = pair_scores(
+            model, [first[max(i, 0)] for i in chunk], [second[max(i, 0)] for i in chunk], pad_token_id, device, dtype
+        )
+        real = torch.tensor(chunk) >= 0
+        kept = [i for i in chunk if i >= 0]
+        scores[0, kept], scores[1, kept] = a[real], b[real]
+    model.train()
+    utils.all_reduce_sum(scores)  # every entry was filled by exactly one rank
+    return scores[0], scores[1]
+
+
+def evaluate_reward(model, pairs, pad_token_id, device, dtype, batch_size, process):
     """Preference accuracy (share of pairs with R(y_w) > R(y_l)) and the mean/std of all rewards."""
-    better, worse = score_all(model, pairs, pad_token_id, device, dtype, batch_size, ctx)
+    better, worse = score_all(
+        model,
+        [p["better"] for p in pairs],
+        [p["worse"] for p in pairs],
+        pad_token_id,
+        device,
+        dtype,
+        batch_size,
+        process,
+    )
     rewards = torch.cat([better, worse])
     return {
         "accuracy": (better > worse).float().mean().item(),
@@ -134,34 +164,12 @@ def evaluate_reward(model, pairs, pad_token_id, device, dtype, batch_size, ctx):
     }
 
 
-@torch.no_grad()
-def score_all(model, pairs, pad_token_id, device, dtype, batch_size, ctx):
-    """End scores of every pair, each rank scoring a slice; gathered in the original order."""
-    model.eval()
-    mine = utils.my_share(len(pairs), ctx)  # -1: a filler, scored and dropped (FSDP needs equal passes)
-    scores = torch.zeros(2, len(pairs), device=device)
-    for start in range(0, len(mine), batch_size):
-        chunk = mine[start : start + batch_size]
-        better, worse = pair_scores(model, [pairs[max(i, 0)] for i in chunk], pad_token_id, device, dtype)
-        real = torch.tensor(chunk) >= 0
-        kept = [i for i in chunk if i >= 0]
-        scores[0, kept], scores[1, kept] = better[real], worse[real]
-    model.train()
-    utils.all_reduce_sum(scores)  # every entry was filled by exactly one rank
-    return scores[0], scores[1]
-
-
-def train(args, make_pairs, loss_fn, evaluate_fn, stage):
-    """The hand-written training loop of a score model (used by train_reward.py and train_cost.py).
-
-    make_pairs(rows, file name) -> [(prompt, y_w, y_l, s_w, s_l)];  loss_fn(scores_w, scores_l, s_w, s_l) -> loss;
-    evaluate_fn(model, pairs, pad_token_id, device, dtype, batch_size, ctx) -> metrics dict.
-    """
+def main(args):
     # ------------------------------------------------------------------ setup
-    ctx = utils.setup_distributed()
-    dtype = utils.resolve_dtype(args.dtype, ctx.device)
+    process = utils.setup_distributed()
+    dtype = utils.resolve_dtype(args.dtype, process.device)
     per_rank = utils.rank_share(
-        args.batch_size, ctx.world_size, "batch_size"
+        args.batch_size, process.world_size, "batch_size"
     )  # the same global batch at any rank count
     utils.seed_everything(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -171,14 +179,14 @@ def train(args, make_pairs, loss_fn, evaluate_fn, stage):
     tokenizer = utils.load_tokenizer(args.model_name_or_path)
     subset = args.dataset_subset or None
     train_rows = utils.load_rows(args.dataset, "preference", args.dataset_split, subset)
-    train_pairs = tokenize_pairs(tokenizer, make_pairs(train_rows, args.dataset), args.max_length)
+    train_pairs = tokenize_pairs(tokenizer, reward_pairs(train_rows), args.max_length)
     eval_pairs = []
     if args.eval_dataset != "none":
         eval_rows = utils.load_rows(args.eval_dataset, "preference", args.eval_split, subset)
-        eval_pairs = tokenize_pairs(tokenizer, make_pairs(eval_rows, args.eval_dataset), args.max_length)
+        eval_pairs = tokenize_pairs(tokenizer, reward_pairs(eval_rows), args.max_length)
     total_steps = len(train_pairs) // args.batch_size * args.epochs
     utils.print0(
-        f"{len(train_pairs)} training pairs, {total_steps} steps of {args.batch_size}, {ctx.world_size} rank(s)"
+        f"{len(train_pairs)} training pairs, {total_steps} steps of {args.batch_size}, {process.world_size} rank(s)"
     )
 
     # ------------------------------------------------------------------ model and optimizer
@@ -187,46 +195,40 @@ def train(args, make_pairs, loss_fn, evaluate_fn, stage):
     if args.gradient_checkpointing:
         utils.enable_gradient_checkpointing(model.model)
     model.train()
-    model = utils.wrap(model, ctx, args.fsdp, dtype)  # on the device; DDP or FSDP under torchrun
+    model = utils.wrap(model, process, args.fsdp, dtype)  # on the device; DDP or FSDP under torchrun
     raw_model = utils.unwrap(model)
     optimizer, scheduler = utils.optimizer_and_scheduler(
         raw_model, args.learning_rate, args.weight_decay, args.warmup_ratio, total_steps
     )
     step = utils.restore_training_state(args.output_dir, raw_model, optimizer, scheduler) if args.resume else 0
-    if args.resume and ctx.is_main:
+    if args.resume and process.is_main:
         utils.trim_metrics(metrics_path, step)  # lines logged after that checkpoint are redone
-    if not args.resume and ctx.is_main and os.path.exists(metrics_path):
+    if not args.resume and process.is_main and os.path.exists(metrics_path):
         os.remove(metrics_path)
 
     def save():  # on every rank: FSDP gathers the shards
         state = utils.training_state(raw_model, optimizer, scheduler, step, args)
         utils.save_checkpoint(args.output_dir, raw_model.model, tokenizer, state)
 
-    def evaluate():
-        metrics = evaluate_fn(model, eval_pairs, tokenizer.pad_token_id, ctx.device, dtype, args.micro_batch_size, ctx)
-        if ctx.is_main:
-            utils.log_metrics(metrics_path, {"step": step, "split": "eval", **metrics})
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        return metrics
-
     # ------------------------------------------------------------------ training loop
     last_step = total_steps if args.max_steps < 0 else min(total_steps, args.max_steps)
-    bar = utils.progress(total=total_steps, initial=step, desc=stage)
+    bar = utils.progress(total=total_steps, initial=step, desc="reward")
     started = time.time()
     while step < last_step:
         batch = [train_pairs[i] for i in utils.global_batch(len(train_pairs), args.batch_size, args.seed, step)]
-        mine = batch[ctx.rank * per_rank : (ctx.rank + 1) * per_rank]
+        mine = batch[process.rank * per_rank : (process.rank + 1) * per_rank]
         chunks = utils.micro_batches(mine, args.micro_batch_size)  # micro_batch_size is an upper bound
-        totals = torch.zeros(2, device=ctx.device)  # (loss, accuracy) summed over micro steps
+        totals = torch.zeros(2, device=process.device)  # (loss, accuracy) summed over micro steps
         for micro_step, chunk in enumerate(chunks):
             utils.set_gradient_sync(model, micro_step, len(chunks))
-            scores_w, scores_l = pair_scores(model, chunk, tokenizer.pad_token_id, ctx.device, dtype)
-            signs_w = torch.tensor([p[2] for p in chunk], device=ctx.device, dtype=torch.float)
-            signs_l = torch.tensor([p[3] for p in chunk], device=ctx.device, dtype=torch.float)
+            better_rewards, worse_rewards = pair_scores(
+                model, [p["better"] for p in chunk], [p["worse"] for p in chunk], tokenizer.pad_token_id,
+                process.device, dtype,
+            )  # fmt: skip
             share = len(chunk) / per_rank  # the chunk's mean, weighted by its share of this rank's pairs
-            loss = loss_fn(scores_w, scores_l, signs_w, signs_l) * share
+            loss = reward_loss(better_rewards, worse_rewards, args.regularization) * share
             loss.backward()  # DDP and FSDP average over ranks: the gradient is that of the global-batch mean
-            totals += torch.stack([loss.detach(), (scores_w > scores_l).float().mean().detach() * share])
+            totals += torch.stack([loss.detach(), (better_rewards > worse_rewards).float().mean().detach() * share])
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -236,26 +238,23 @@ def train(args, make_pairs, loss_fn, evaluate_fn, stage):
 
         if step % args.log_every == 0 or step == last_step:
             utils.all_reduce_sum(totals)
-            loss, accuracy = (totals / ctx.world_size).tolist()
+            loss, accuracy = (totals / process.world_size).tolist()
             bar.set_postfix(loss=f"{loss:.3f}", accuracy=f"{accuracy:.2f}")
-            if ctx.is_main:
+            if process.is_main:
                 record = {"step": step, "split": "train", "loss": loss, "accuracy": accuracy}
                 utils.log_metrics(metrics_path, {**record, "lr": scheduler.get_last_lr()[0]})
         every = args.eval_every or len(train_pairs) // args.batch_size
         if eval_pairs and (step % every == 0 or step == last_step):
-            evaluate()
+            metrics = evaluate_reward(
+                model, eval_pairs, tokenizer.pad_token_id, process.device, dtype, args.micro_batch_size, process
+            )
+            if process.is_main:
+                utils.log_metrics(metrics_path, {"step": step, "split": "eval", **metrics})
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if step % args.save_every == 0 or step == last_step:
             save()
     bar.close()
     utils.print0(f"saved to {args.output_dir} after {step} steps in {time.time() - started:.0f}s")
-    return ctx, model, tokenizer, eval_pairs, dtype
-
-
-def main(args):
-    def loss(better_rewards, worse_rewards, _signs_w, _signs_l):
-        return reward_loss(better_rewards, worse_rewards, args.regularization)
-
-    train(args, reward_pairs, loss, evaluate_reward, "reward")
     utils.cleanup_distributed()
 
 

@@ -1,7 +1,14 @@
-"""The only code the stages share: plumbing, never the paper's math.
+"""The one module the stages share. Skip it on a first reading: it is plumbing, except its first
+section, which is the paper's and marked so.
 
-Distributed setup, seeding, the conversation template, data loading with schema checks,
-tokenisation and padding, model loading and saving, masked statistics, generation, logging.
+    the paper's   the conversation template; the score model, read at the last real token
+    a run         Process (this rank), setup_distributed, rank_share and micro_batches (a global batch
+                  split over ranks), wrap (DDP), seeds and RNG state, dtype, logging, parse_args
+    data          load_rows: .jsonl/.json files or hub datasets, checked against the data contract
+    models        load_tokenizer, load_causal_lm, dropout off, gradient checkpointing
+    training      AdamW and its schedule, the order of batches, training state, safe checkpoints
+    generation    generate (pure sampling or greedy, left-padded prompts, KV cache)
+    FSDP only     shard, and gathering shards into full checkpoints (DDP runs never reach it)
 """
 
 import argparse
@@ -25,11 +32,117 @@ from torch.distributed.tensor import distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-# ----------------------------------------------------------------------------- distributed
+# ------------------------------------------------------------------ the paper's: the conversation template and the score model
+# The paper's, not plumbing: four stages use them, so they live here once rather than in four copies.
+
+
+# As in the original implementation; the response follows "ASSISTANT:" and ends with EOS.
+PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
+
+
+def format_prompt(prompt):
+    return PROMPT_TEMPLATE.format(prompt=prompt)
+
+
+def tokenize_prompt(tokenizer, prompt, max_length):
+    """Template + prompt, with the tokenizer's own special tokens (e.g. BOS). A long prompt loses its
+    start (after the BOS, which stays) so that "ASSISTANT:" stays next to the response."""
+    ids = tokenizer(format_prompt(prompt))["input_ids"]
+    if len(ids) <= max_length:
+        return ids
+    keep_bos = ids[0] == tokenizer.bos_token_id
+    return ids[:1] + ids[len(ids) - max_length + 1 :] if keep_bos else ids[-max_length:]
+
+
+def tokenize_conversation(tokenizer, prompt, response, max_length, max_prompt_length=None, eos=True):
+    """Token ids of `prompt + response + EOS`, and the number of prompt tokens.
+
+    The one truncation rule of every stage: the prompt keeps its last `max_prompt_length` tokens
+    (default max_length), then the whole is cut to `max_length`. Prompt and response are tokenised
+    separately and concatenated, so the boundary is exact and matches what generation produces.
+    `eos=False` leaves EOS off (a generated response that did not end).
+    """
+    prompt_ids = tokenize_prompt(tokenizer, prompt, max_prompt_length or max_length)
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + (
+        [tokenizer.eos_token_id] if eos else []
+    )
+    return (prompt_ids + response_ids)[:max_length], len(prompt_ids)
+
+
+class ScoreModel(torch.nn.Module):
+    """A reward or cost model: a causal-LM backbone with a linear score head, one score per token.
+
+    Wraps a Hugging Face `AutoModelForSequenceClassification` (num_labels=1), so checkpoints reload
+    with ordinary transformers calls. forward() gives per-token scores (B, T), which a critic uses
+    as values; end_scores() reads the score at the last real token of each row (any padding side).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+        ).last_hidden_state  # (B, T, H)
+        return self.model.score(hidden).squeeze(-1).float()  # (B, T)
+
+    def end_scores(self, input_ids, attention_mask):
+        return end_of_sequence(self(input_ids, attention_mask), attention_mask)
+
+
+def end_of_sequence(values, attention_mask):
+    """values (B, T) at each row's last real token: the EOS, or the last token kept by truncation."""
+    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)  # (T,)
+    last = (positions * attention_mask).argmax(-1)  # (B,): the last position whose mask is 1
+    return values.gather(1, last[:, None]).squeeze(1)  # (B,)
+
+
+def load_score_model(path, tokenizer, dtype=torch.float32):
+    """A ScoreModel from a score checkpoint, or a new score head on a causal LM (e.g. output/sft)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    kwargs = dict(num_labels=1, id2label={0: "score"}, label2id={"score": 0})
+    if has_weights(path):
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, **kwargs)
+    else:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return ScoreModel(model)
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer, prompts, responses, max_prompt_length, max_new_tokens, ended=None, batch_size=64):
+    """End scores (N,) of (prompt, response) texts under a ScoreModel, tokenised with its own tokenizer.
+
+    Cut as generation cuts: the prompt to its last max_prompt_length tokens, the response to
+    max_new_tokens; EOS only for responses that ended (`ended`, default all).
+    """
+    device = next(model.parameters()).device
+    ended = [True] * len(prompts) if ended is None else ended
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        ids = [
+            tokenize_conversation(
+                tokenizer, prompts[i], responses[i], max_prompt_length + max_new_tokens, max_prompt_length, ended[i]
+            )[0]
+            for i in range(start, min(start + batch_size, len(prompts)))
+        ]
+        input_ids, attention_mask = batch_inputs(ids, tokenizer.pad_token_id, device)
+        scores.append(model.end_scores(input_ids, attention_mask))
+    return torch.cat(scores)
+
+
+# ------------------------------------------------------------------ a run: processes and ranks, seeds, precision, logging, flags
 
 
 @dataclass
-class Dist:
+class Process:
+    """This process's place in the run (one process, or one rank of a torchrun job)."""
+
     rank: int  # global rank, 0 .. world_size - 1
     local_rank: int  # rank on this node: picks the GPU
     world_size: int
@@ -41,7 +154,7 @@ def setup_distributed():
     """nanoGPT-style: under torchrun RANK is set and we join the process group; else one process."""
     if int(os.environ.get("RANK", -1)) == -1:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return Dist(0, 0, 1, device, True)
+        return Process(0, 0, 1, device, True)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     timeout = datetime.timedelta(minutes=30)  # rank 0 alone writes a checkpoint while the others wait
@@ -55,7 +168,7 @@ def setup_distributed():
     # CPU ranks share the machine's cores.
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
-    return Dist(rank, local_rank, world_size, device, rank == 0)
+    return Process(rank, local_rank, world_size, device, rank == 0)
 
 
 def cleanup_distributed():
@@ -84,11 +197,6 @@ def all_gather(tensor):
     return torch.cat(gathered)
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def rank_share(global_batch_size, world_size, flag):
     """How many items of a global batch each rank takes; stops with the numbers to change when the batch
     cannot be split evenly (every rank must run the same number of forward passes)."""
@@ -107,47 +215,23 @@ def micro_batches(items, micro_batch_size):
     return [items[i : i + micro_batch_size] for i in range(0, len(items), micro_batch_size)]
 
 
-def wrap(model, ctx, fsdp=False, dtype=torch.float32):
+def my_share(n_items, process):
+    """Indices of the items this rank evaluates (every world_size-th), padded with -1 so that every rank
+    gets as many: under FSDP each forward pass is a collective, so all ranks must run the same number."""
+    mine = list(range(process.rank, n_items, process.world_size))
+    return mine + [-1] * (math.ceil(n_items / process.world_size) - len(mine))
+
+
+def wrap(model, process, fsdp=False, dtype=torch.float32):
     """The model on this rank's device as each rank trains it: itself in one process; under torchrun a
     DDP replica, or with `fsdp` sharded over the ranks (parameters, gradients and optimizer state take
     1/ranks each). Pass the model still on the CPU: FSDP moves it to the GPU one shard at a time."""
-    if ctx.world_size > 1 and fsdp:
+    if process.world_size > 1 and fsdp:
         return shard(model, dtype)
-    model = model.to(ctx.device)
-    if ctx.world_size == 1:
+    model = model.to(process.device)
+    if process.world_size == 1:
         return model
-    return DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-
-
-def shard(model, dtype=torch.float32):
-    """PyTorch FSDP (fully_shard): each transformer block is its own unit, gathered just before it runs
-    (the next one is prefetched) and freed after; the embeddings, final norm and head form the root
-    unit. Moves the model to this rank's GPU, if any. Works on frozen models too. With bf16 the units
-    are gathered and computed in bf16 while the sharded weights and the gradient sums stay fp32."""
-    policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
-    block_names = set((model.model if isinstance(model, ScoreModel) else model)._no_split_modules or [])
-    for block in [module for module in model.modules() if type(module).__name__ in block_names]:
-        fully_shard(block, mp_policy=policy)
-    model = fully_shard(model, mp_policy=policy)
-    if not any(parameter.requires_grad for parameter in model.parameters()):
-        # FSDP keeps the root unit gathered after forward, for the backward that follows; a frozen
-        # model has none, so free it like the blocks (the embeddings and head of a 7B model are ~0.5 GB).
-        model.set_reshard_after_forward(True, recurse=False)
-    return model
-
-
-def is_sharded(model):
-    """True when FSDP holds (part of) the model's weights, e.g. the HF model inside a sharded ScoreModel."""
-    return any(isinstance(m, FSDPModule) for m in model.modules()) or any(
-        hasattr(parameter, "full_tensor") for parameter in model.parameters()
-    )
-
-
-def my_share(n_items, ctx):
-    """Indices of the items this rank evaluates (every world_size-th), padded with -1 so that every rank
-    gets as many: under FSDP each forward pass is a collective, so all ranks must run the same number."""
-    mine = list(range(ctx.rank, n_items, ctx.world_size))
-    return mine + [-1] * (math.ceil(n_items / ctx.world_size) - len(mine))
+    return DDP(model, device_ids=[process.local_rank] if process.device.type == "cuda" else None)
 
 
 def unwrap(model):
@@ -160,54 +244,6 @@ def set_gradient_sync(model, micro_step, micro_steps):
     after every one: skipping would keep full-size gradients on every rank, which is what FSDP avoids.)"""
     if isinstance(model, DDP):
         model.require_backward_grad_sync = micro_step == micro_steps - 1
-
-
-def full_state_dict(model):
-    """The model's weights as plain CPU tensors on rank 0 (None elsewhere), a tied weight once. FSDP
-    shards are gathered one tensor at a time, so every rank must call this."""
-    keep = not dist.is_initialized() or dist.get_rank() == 0
-    state, seen = {}, set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:  # e.g. lm_head.weight tied to the input embeddings
-            continue
-        seen.add(id(tensor))
-        if hasattr(tensor, "full_tensor"):  # a DTensor: this rank's shard
-            tensor = tensor.full_tensor()
-        if keep:
-            state[name] = tensor.detach().cpu()
-    return state if keep else None
-
-
-def optimizer_state(model, optimizer):
-    """optimizer.state_dict(), with FSDP's sharded moments gathered in full on rank 0 (every rank must call
-    this), so the same checkpoint resumes on any number of ranks, with or without FSDP."""
-    state = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: copy, never modify
-    if not is_sharded(model):
-        return state
-    keep = dist.get_rank() == 0
-    gathered = {}
-    for index, moments in state["state"].items():
-        gathered[index] = {}
-        for key, value in moments.items():
-            if hasattr(value, "full_tensor"):  # a DTensor: this rank's shard
-                value = value.full_tensor()
-                value = value.cpu() if keep else None
-            gathered[index][key] = value
-    return {**state, "state": gathered}
-
-
-def load_optimizer_state(model, optimizer, state):
-    """Inverse of optimizer_state: under FSDP each rank keeps its shard of the full moments."""
-    if is_sharded(model):
-        parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        for index, moments in state["state"].items():
-            parameter = parameters[index]
-            for key, value in moments.items():
-                if torch.is_tensor(value) and value.shape == parameter.shape:  # not the scalar `step`
-                    moments[key] = distribute_tensor(
-                        value.to(parameter.device), parameter.device_mesh, parameter.placements
-                    )
-    optimizer.load_state_dict(state)
 
 
 def seed_everything(seed):
@@ -271,6 +307,15 @@ def log_metrics(path, record):
         f.write(json.dumps(record) + "\n")
 
 
+def trim_metrics(path, step):
+    """On --resume: drop the log lines written after the checkpoint we resume from."""
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+
 def parse_args(args_class, argv=None):
     """Command-line flags from an `Args` dataclass; the docstring under each field is its --help."""
     docs = {}
@@ -298,59 +343,8 @@ def parse_args(args_class, argv=None):
     return args_class(**vars(parser.parse_args(argv)))
 
 
-# ----------------------------------------------------------------------------- conversation template
+# ------------------------------------------------------------------ data: files and hub datasets with schema checks, padding
 
-# As in the original implementation; the response follows "ASSISTANT:" and ends with EOS.
-PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
-
-
-def format_prompt(prompt):
-    return PROMPT_TEMPLATE.format(prompt=prompt)
-
-
-def tokenize_prompt(tokenizer, prompt, max_length):
-    """Template + prompt, with the tokenizer's own special tokens (e.g. BOS). A long prompt loses its
-    start (after the BOS, which stays) so that "ASSISTANT:" stays next to the response."""
-    ids = tokenizer(format_prompt(prompt))["input_ids"]
-    if len(ids) <= max_length:
-        return ids
-    keep_bos = ids[0] == tokenizer.bos_token_id
-    return ids[:1] + ids[len(ids) - max_length + 1 :] if keep_bos else ids[-max_length:]
-
-
-def tokenize_conversation(tokenizer, prompt, response, max_length, max_prompt_length=None, eos=True):
-    """Token ids of `prompt + response + EOS`, and the number of prompt tokens.
-
-    The one truncation rule of every stage: the prompt keeps its last `max_prompt_length` tokens
-    (default max_length), then the whole is cut to `max_length`. Prompt and response are tokenised
-    separately and concatenated, so the boundary is exact and matches what generation produces.
-    `eos=False` leaves EOS off (a generated response that did not end).
-    """
-    prompt_ids = tokenize_prompt(tokenizer, prompt, max_prompt_length or max_length)
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + (
-        [tokenizer.eos_token_id] if eos else []
-    )
-    return (prompt_ids + response_ids)[:max_length], len(prompt_ids)
-
-
-def pad(sequences, pad_value, side="right"):
-    """Stack lists of ids into a (B, T) tensor, padding on the right (training) or left (generation)."""
-    length = max(len(s) for s in sequences)
-    rows = [
-        [pad_value] * (length - len(s)) + list(s) if side == "left" else list(s) + [pad_value] * (length - len(s))
-        for s in sequences
-    ]
-    return torch.tensor(rows, dtype=torch.long)
-
-
-def batch_inputs(sequences, pad_token_id, device, side="right"):
-    """input_ids and attention_mask for a list of id lists."""
-    input_ids = pad(sequences, pad_token_id, side).to(device)
-    attention_mask = pad([[1] * len(s) for s in sequences], 0, side).to(device)
-    return input_ids, attention_mask
-
-
-# ----------------------------------------------------------------------------- data
 
 SCHEMAS = {
     "sft": {"prompt": str, "response": str},
@@ -435,7 +429,24 @@ def load_rows(name_or_path, schema, split="train", subset=None):
     return [check_row(row, schema, f"{where}: row {i}") for i, row in rows]
 
 
-# ----------------------------------------------------------------------------- models
+def pad(sequences, pad_value, side="right"):
+    """Stack lists of ids into a (B, T) tensor, padding on the right (training) or left (generation)."""
+    length = max(len(s) for s in sequences)
+    rows = [
+        [pad_value] * (length - len(s)) + list(s) if side == "left" else list(s) + [pad_value] * (length - len(s))
+        for s in sequences
+    ]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def batch_inputs(sequences, pad_token_id, device, side="right"):
+    """input_ids and attention_mask for a list of id lists."""
+    input_ids = pad(sequences, pad_token_id, side).to(device)
+    attention_mask = pad([[1] * len(s) for s in sequences], 0, side).to(device)
+    return input_ids, attention_mask
+
+
+# ------------------------------------------------------------------ models
 
 
 def has_weights(path):
@@ -490,114 +501,15 @@ def enable_gradient_checkpointing(model):
     model.config.use_cache = False
 
 
-def save_checkpoint(output_dir, model, tokenizer, training_state=None, submodels=None):
-    """A Hugging Face checkpoint (safetensors) + tokenizer + optional training state and sub-models
-    (e.g. {"reward_critic": model}, each in its own folder), written safely: everything goes to a
-    temporary folder first and is renamed over the old files only once all of it is written.
-
-    Under torchrun every rank calls this (FSDP gathers its shards here); rank 0 writes.
-    """
-    models = {".": model, **(submodels or {})}
-    weights = {name: full_state_dict(m) if is_sharded(m) else None for name, m in models.items()}
-    if dist.is_initialized() and dist.get_rank() != 0:
-        dist.barrier()  # until rank 0 has written
-        return
-    os.makedirs(output_dir, exist_ok=True)
-    tmp = os.path.join(output_dir, ".tmp_checkpoint")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for name, m in models.items():
-        m.save_pretrained(os.path.join(tmp, name), state_dict=weights[name])
-        tokenizer.save_pretrained(os.path.join(tmp, name))
-    if training_state is not None:
-        torch.save(training_state, os.path.join(tmp, "training_state.pt"))
-    for name in sorted(os.listdir(tmp), key=lambda n: n == "training_state.pt"):  # the state last
-        target = os.path.join(output_dir, name)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(tmp, name), target)
-    os.rmdir(tmp)
-    barrier()
-
-
-def trim_metrics(path, step):
-    """On --resume: drop the log lines written after the checkpoint we resume from."""
-    if os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
-        with open(path, "w") as f:
-            f.writelines(kept)
-
-
 def position_ids(attention_mask):
     """Positions that skip left padding, so a left-padded row is computed exactly like an unpadded one."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-class ScoreModel(torch.nn.Module):
-    """A reward or cost model: a causal-LM backbone with a linear score head, one score per token.
-
-    Wraps a Hugging Face `AutoModelForSequenceClassification` (num_labels=1), so checkpoints reload
-    with ordinary transformers calls. forward() gives per-token scores (B, T), which a critic uses
-    as values; end_scores() reads the score at the last real token of each row (any padding side).
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        hidden = self.model.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
-        ).last_hidden_state  # (B, T, H)
-        return self.model.score(hidden).squeeze(-1).float()  # (B, T)
-
-    def end_scores(self, input_ids, attention_mask):
-        return end_of_sequence(self(input_ids, attention_mask), attention_mask)
+# ------------------------------------------------------------------ training: optimizer, data order, checkpoints
 
 
-def end_of_sequence(values, attention_mask):
-    """values (B, T) at each row's last real token: the EOS, or the last token kept by truncation."""
-    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
-    last = (positions * attention_mask).argmax(-1)  # (B,)
-    return values.gather(1, last[:, None]).squeeze(1)
-
-
-def load_score_model(path, tokenizer, dtype=torch.float32):
-    """A ScoreModel from a score checkpoint, or a new score head on a causal LM (e.g. output/sft)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    kwargs = dict(num_labels=1, id2label={0: "score"}, label2id={"score": 0})
-    if has_weights(path):
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, **kwargs)
-    else:
-        config = AutoConfig.from_pretrained(path, **kwargs)
-        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return ScoreModel(model)
-
-
-@torch.no_grad()
-def score_texts(model, tokenizer, prompts, responses, max_prompt_length, max_new_tokens, ended=None, batch_size=64):
-    """End scores (N,) of (prompt, response) texts under a ScoreModel, tokenised with its own tokenizer.
-
-    Cut as generation cuts: the prompt to its last max_prompt_length tokens, the response to
-    max_new_tokens; EOS only for responses that ended (`ended`, default all).
-    """
-    device = next(model.parameters()).device
-    ended = [True] * len(prompts) if ended is None else ended
-    scores = []
-    for start in range(0, len(prompts), batch_size):
-        ids = [
-            tokenize_conversation(
-                tokenizer, prompts[i], responses[i], max_prompt_length + max_new_tokens, max_prompt_length, ended[i]
-            )[0]
-            for i in range(start, min(start + batch_size, len(prompts)))
-        ]
-        input_ids, attention_mask = batch_inputs(ids, tokenizer.pad_token_id, device)
-        scores.append(model.end_scores(input_ids, attention_mask))
-    return torch.cat(scores)
+ADAM_BETAS = (0.9, 0.95)  # as in the original code (and most LLM training since GPT-3)
 
 
 def cosine_schedule(warmup_steps, total_steps, min_ratio=0.0):
@@ -610,9 +522,6 @@ def cosine_schedule(warmup_steps, total_steps, min_ratio=0.0):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return multiplier
-
-
-ADAM_BETAS = (0.9, 0.95)  # as in the original code (and most LLM training since GPT-3)
 
 
 def optimizer_and_scheduler(model, learning_rate, weight_decay, warmup_ratio, total_steps, schedule="cosine"):
@@ -667,24 +576,37 @@ def restore_training_state(output_dir, model, optimizer, scheduler):
     return state["step"]
 
 
-# ----------------------------------------------------------------------------- statistics
+def save_checkpoint(output_dir, model, tokenizer, training_state=None, submodels=None):
+    """A Hugging Face checkpoint (safetensors) + tokenizer + optional training state and sub-models
+    (e.g. {"reward_critic": model}, each in its own folder), written safely: everything goes to a
+    temporary folder first and is renamed over the old files only once all of it is written.
+
+    Under torchrun every rank calls this (FSDP gathers its shards here); rank 0 writes.
+    """
+    models = {".": model, **(submodels or {})}
+    weights = {name: full_state_dict(m) if is_sharded(m) else None for name, m in models.items()}
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()  # until rank 0 has written
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    tmp = os.path.join(output_dir, ".tmp_checkpoint")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, m in models.items():
+        m.save_pretrained(os.path.join(tmp, name), state_dict=weights[name])
+        tokenizer.save_pretrained(os.path.join(tmp, name))
+    if training_state is not None:
+        torch.save(training_state, os.path.join(tmp, "training_state.pt"))
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "training_state.pt"):  # the state last
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(tmp, name), target)
+    os.rmdir(tmp)
+    if dist.is_initialized():
+        dist.barrier()  # the other ranks wait above until the checkpoint is in place
 
 
-def masked_mean(values, mask, dim=None):
-    """Mean of `values` where mask is 1 (over `dim`, or everything)."""
-    mask = mask.to(values.dtype)
-    if dim is None:
-        return (values * mask).sum() / mask.sum().clamp(min=1)
-    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
-
-
-def masked_var(values, mask):
-    """Variance of `values` where mask is 1 (population variance)."""
-    mean = masked_mean(values, mask)
-    return masked_mean((values - mean) ** 2, mask)
-
-
-# ----------------------------------------------------------------------------- generation
+# ------------------------------------------------------------------ generation
 
 
 @torch.no_grad()
@@ -734,3 +656,78 @@ def response_lists(sequences, prompt_length, eos_token_id):
     for row in sequences[:, prompt_length:].tolist():
         responses.append(row[: row.index(eos_token_id) + 1] if eos_token_id in row else row)
     return responses
+
+
+# ------------------------------------------------------------------ FSDP only: sharding, and gathering shards for a checkpoint
+
+
+def shard(model, dtype=torch.float32):
+    """PyTorch FSDP (fully_shard): each transformer block is its own unit, gathered just before it runs
+    (the next one is prefetched) and freed after; the embeddings, final norm and head form the root
+    unit. Moves the model to this rank's GPU, if any. Works on frozen models too. With bf16 the units
+    are gathered and computed in bf16 while the sharded weights and the gradient sums stay fp32."""
+    policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+    block_names = set((model.model if isinstance(model, ScoreModel) else model)._no_split_modules or [])
+    for block in [module for module in model.modules() if type(module).__name__ in block_names]:
+        fully_shard(block, mp_policy=policy)
+    model = fully_shard(model, mp_policy=policy)
+    if not any(parameter.requires_grad for parameter in model.parameters()):
+        # FSDP keeps the root unit gathered after forward, for the backward that follows; a frozen
+        # model has none, so free it like the blocks (the embeddings and head of a 7B model are ~0.5 GB).
+        model.set_reshard_after_forward(True, recurse=False)
+    return model
+
+
+def is_sharded(model):
+    """True when FSDP holds (part of) the model's weights, e.g. the HF model inside a sharded ScoreModel."""
+    return any(isinstance(m, FSDPModule) for m in model.modules()) or any(
+        hasattr(parameter, "full_tensor") for parameter in model.parameters()
+    )
+
+
+def full_state_dict(model):
+    """The model's weights as plain CPU tensors on rank 0 (None elsewhere), a tied weight once. FSDP
+    shards are gathered one tensor at a time, so every rank must call this."""
+    keep = not dist.is_initialized() or dist.get_rank() == 0
+    state, seen = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:  # e.g. lm_head.weight tied to the input embeddings
+            continue
+        seen.add(id(tensor))
+        if hasattr(tensor, "full_tensor"):  # a DTensor: this rank's shard
+            tensor = tensor.full_tensor()
+        if keep:
+            state[name] = tensor.detach().cpu()
+    return state if keep else None
+
+
+def optimizer_state(model, optimizer):
+    """optimizer.state_dict(), with FSDP's sharded moments gathered in full on rank 0 (every rank must call
+    this), so the same checkpoint resumes on any number of ranks, with or without FSDP."""
+    state = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: copy, never modify
+    if not is_sharded(model):
+        return state
+    keep = dist.get_rank() == 0
+    gathered = {}
+    for index, moments in state["state"].items():
+        gathered[index] = {}
+        for key, value in moments.items():
+            if hasattr(value, "full_tensor"):  # a DTensor: this rank's shard
+                value = value.full_tensor()
+                value = value.cpu() if keep else None
+            gathered[index][key] = value
+    return {**state, "state": gathered}
+
+
+def load_optimizer_state(model, optimizer, state):
+    """Inverse of optimizer_state: under FSDP each rank keeps its shard of the full moments."""
+    if is_sharded(model):
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        for index, moments in state["state"].items():
+            parameter = parameters[index]
+            for key, value in moments.items():
+                if torch.is_tensor(value) and value.shape == parameter.shape:  # not the scalar `step`
+                    moments[key] = distribute_tensor(
+                        value.to(parameter.device), parameter.device_mesh, parameter.placements
+                    )
+    optimizer.load_state_dict(state)

@@ -76,10 +76,10 @@ def bench_score(args, tokenizer, device, dtype):
         utils.enable_gradient_checkpointing(model.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     input_ids, _ = random_batch(tokenizer, 2 * args.batch_size, args.seq_len, device)
-    pairs = [(better, worse, 0, 0) for better, worse in zip(input_ids[::2].tolist(), input_ids[1::2].tolist())]
+    better_ids, worse_ids = input_ids[::2].tolist(), input_ids[1::2].tolist()
 
     def step():
-        better, worse = train_reward.pair_scores(model, pairs, tokenizer.pad_token_id, device, dtype)
+        better, worse = train_reward.pair_scores(model, better_ids, worse_ids, tokenizer.pad_token_id, device, dtype)
         train_reward.reward_loss(better, worse).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

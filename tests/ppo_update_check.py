@@ -39,7 +39,7 @@ def main():
     parser.add_argument("--fsdp", action="store_true")
     parser.add_argument("--micro_batch_size", type=int, default=2)
     cli = parser.parse_args()
-    ctx = utils.setup_distributed()
+    process = utils.setup_distributed()
     args = ppo.Args(
         actor_model_name_or_path=os.path.join(cli.models, "sft"),
         reward_model=os.path.join(cli.models, "reward"),
@@ -61,13 +61,14 @@ def main():
 
     # The rollout of the whole batch, on plain models, identical on every rank.
     plain = [load(n) for n in ("sft", "sft", "reward", "cost", "reward", "cost")]
-    models = (plain[0], plain[1].eval(), (plain[2].eval(), tokenizer), (plain[3].eval(), tokenizer), *plain[4:])
+    models = dict(actor=plain[0], reference=plain[1].eval(), reward=(plain[2].eval(), tokenizer))
+    models.update(cost=(plain[3].eval(), tokenizer), reward_critic=plain[4], cost_critic=plain[5])
     torch.manual_seed(0)
-    batch, prompt_length, *_ = ppo.rollout(args, models, tokenizer, PROMPTS)
+    episodes = ppo.rollout(args, models, tokenizer, PROMPTS)
 
     # The update, on this rank's share, with the models trained as in main().
     wrapped = {
-        name: utils.wrap(load(source), ctx, args.fsdp)
+        name: utils.wrap(load(source), process, args.fsdp)
         for name, source in (("actor", "sft"), ("reward_critic", "reward"), ("cost_critic", "cost"))
     }
     # Plain SGD: the step is lr x the gradient, so any error in the gradient's scale shows in the weights
@@ -75,20 +76,19 @@ def main():
     optimizers = {name: torch.optim.SGD(model.parameters(), lr=0.1) for name, model in wrapped.items()}
     schedulers = {name: torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0) for name, opt in optimizers.items()}
     ptx_examples = ppo.make_examples(tokenizer, utils.load_rows(args.ptx_dataset, "sft"), 48)
-    ptx_batches, n_ptx_tokens = ppo.ptx_minibatch(args, ptx_examples, 0, ctx, tokenizer.pad_token_id)
-    share = utils.rank_share(args.minibatch_size, ctx.world_size, "minibatch_size")
-    rows = list(range(ctx.rank * share, (ctx.rank + 1) * share))
+    ptx_batches, n_ptx_tokens = ppo.ptx_minibatch(args, ptx_examples, 0, process, tokenizer.pad_token_id)
+    share = utils.rank_share(args.minibatch_size, process.world_size, "minibatch_size")
+    rows = list(range(process.rank * share, (process.rank + 1) * share))
     stats = ppo.ppo_update(
-        args, wrapped, optimizers, schedulers, batch, rows, args.minibatch_size, prompt_length, 0.5,
-        ptx_batches, n_ptx_tokens, torch.float32,
+        args, wrapped, optimizers, schedulers, episodes, rows, args.minibatch_size, 0.5, ptx_batches, n_ptx_tokens,
+        torch.float32,
     )  # fmt: skip
-    stats = utils.all_reduce_sum(stats).tolist()
+    stats = {name: utils.all_reduce_sum(value).item() for name, value in stats.items()}
     weights = {name: utils.full_state_dict(utils.unwrap(model)) for name, model in wrapped.items()}
-    if ctx.is_main:
+    if process.is_main:
         os.makedirs(cli.out, exist_ok=True)
-        names = ["actor_loss", "approx_kl", "clip_fraction", "reward_value_loss", "cost_value_loss", "ptx_loss"]
         with open(os.path.join(cli.out, "stats.json"), "w") as f:
-            json.dump(dict(zip(names, stats)), f)
+            json.dump(stats, f)
         torch.save(weights, os.path.join(cli.out, "weights.pt"))
     utils.cleanup_distributed()
 

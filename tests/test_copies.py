@@ -1,5 +1,6 @@
-"""Deliberate copies stay copies: every `# Copied from <file>.<function>` marker in a stage file is followed
-by a function identical to its source (STYLE.md; the idea of transformers' utils/check_copies.py)."""
+"""One file per stage: no stage imports another, and deliberate copies stay copies. Every
+`# Copied from <file>.<function>` marker is followed by a function identical to its source (the idea of
+Hugging Face transformers' copy checker)."""
 
 import ast
 import re
@@ -34,11 +35,27 @@ def marked_copies():
     return found
 
 
+STAGES = ["sft", "train_reward", "train_cost", "ppo_lagrangian", "evaluate"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_no_stage_imports_another(stage):
+    imported = set()
+    for node in ast.walk(ast.parse((ROOT / f"{stage}.py").read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert not imported & set(STAGES), f"{stage}.py imports {imported & set(STAGES)}"
+
+
 def test_the_stages_carry_their_copies():
     assert {(file, source, function) for file, _, source, function in marked_copies()} >= {
         ("ppo_lagrangian.py", "sft", "make_examples"),
         ("ppo_lagrangian.py", "sft", "collate"),
         ("ppo_lagrangian.py", "sft", "sample_and_judge"),
+        ("train_cost.py", "train_reward", "pair_scores"),
+        ("train_cost.py", "train_reward", "score_all"),
     }
 
 

@@ -156,6 +156,12 @@ def test_lagrange_multiplier_update():
     assert ppo.lagrange_multiplier_update(0.0, 10.0, -4.0, 0.1, 1.1) == pytest.approx(math.log(1.1))
 
 
+def test_token_mean():
+    values = torch.tensor([[1.0, 2.0, 100.0], [3.0, -50.0, 6.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    assert ppo.token_mean(values, mask).item() == pytest.approx(3.0)  # (1 + 2 + 3 + 6) / 4
+
+
 def test_explained_variance():
     returns = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
@@ -201,7 +207,8 @@ def load_for_rollout(args):
     reference = utils.load_causal_lm(args.actor_model_name_or_path, tokenizer).eval()
     scorers = [(utils.load_score_model(p, tokenizer).eval(), tokenizer) for p in (args.reward_model, args.cost_model)]
     critics = [utils.load_score_model(p, tokenizer) for p in (args.reward_model, args.cost_model)]
-    return tokenizer, (actor, reference, scorers[0], scorers[1], critics[0], critics[1])
+    models = dict(actor=actor, reference=reference, reward=scorers[0], cost=scorers[1])
+    return tokenizer, dict(models, reward_critic=critics[0], cost_critic=critics[1])
 
 
 def test_ratio_is_one_and_approx_kl_zero_on_the_first_minibatch(tiny_models, tmp_path):
@@ -209,15 +216,16 @@ def test_ratio_is_one_and_approx_kl_zero_on_the_first_minibatch(tiny_models, tmp
     tokenizer, models = load_for_rollout(args)
     torch.manual_seed(0)
     prompts = ["how do i bake bread ?", "i want to grow tomatoes . what should i do ?", "how do i steal a parked car ?"]
-    batch, prompt_length, _, _, _, _ = ppo.rollout(args, models, tokenizer, prompts)
-    actor = models[0].train()
+    episodes = ppo.rollout(args, models, tokenizer, prompts)
+    batch, prompt_length = episodes.batch, episodes.prompt_length
+    actor = models["actor"].train()
     rows = [2, 0]  # a minibatch, in another order than the rollout
     logits = ppo.actor_forward(actor, batch["sequences"][rows], batch["attention_mask"][rows], prompt_length)
     log_probs = ppo.token_log_probs(logits, batch["sequences"][rows, prompt_length:], 0.7)
     mask = batch["mask"][rows]
     _, ratio = ppo.actor_loss(log_probs, batch["log_probs"][rows], torch.ones_like(mask), mask, 0.2)
     assert torch.allclose(ratio[mask.bool()], torch.ones(int(mask.sum())), atol=1e-5)
-    approx_kl = utils.masked_mean((ratio - 1) - torch.log(ratio), mask)
+    approx_kl = ppo.token_mean((ratio - 1) - torch.log(ratio), mask)
     assert abs(approx_kl.item()) < 1e-8
     # The old log-probs are at the sampling temperature: log_softmax(logits / T) of the sampled tokens.
     full = actor(
@@ -237,9 +245,10 @@ def test_rollout_masks_everything_after_eos(tiny_models, tmp_path):
     args = tiny_args(tiny_models, tmp_path)
     tokenizer, models = load_for_rollout(args)
     torch.manual_seed(3)
-    batch, prompt_length, reward, cost, stats, texts = ppo.rollout(
-        args, models, tokenizer, ["how do i bake bread ?"] * 6
-    )
+    episodes = ppo.rollout(args, models, tokenizer, ["how do i bake bread ?"] * 6)
+    batch, prompt_length, reward, cost, texts = (
+        episodes.batch, episodes.prompt_length, episodes.reward, episodes.cost, episodes.texts,
+    )  # fmt: skip
     responses = batch["sequences"][:, prompt_length:]
     expected_mask = ppo.response_mask(responses, tokenizer.eos_token_id)
     assert torch.equal(batch["mask"], expected_mask)
@@ -267,7 +276,7 @@ def test_lambda_is_updated_first_and_the_update_uses_it(tiny_models, tmp_path, m
     real_update = ppo.ppo_update
 
     def spy(*args):
-        used.append(args[8])
+        used.append(args[7])  # lagrange_multiplier
         return real_update(*args)
 
     monkeypatch.setattr(ppo, "ppo_update", spy)
@@ -407,14 +416,14 @@ def test_rollouts_ignore_the_checkpoints_own_sampling_settings(tiny_models, tmp_
         args = tiny_args(tiny_models, tmp_path, actor_model_name_or_path=str(path), max_new_tokens=8)
         tokenizer, models = load_for_rollout(args)
         torch.manual_seed(0)
-        sampled[path] = ppo.rollout(args, models, tokenizer, prompts)[0]["sequences"]
+        sampled[path] = ppo.rollout(args, models, tokenizer, prompts).batch["sequences"]
         prompt_ids = [utils.tokenize_prompt(tokenizer, p, 48) for p in prompts]
-        greedy[path] = utils.generate(models[0], tokenizer, prompt_ids, 8, greedy=True)[0]
+        greedy[path] = utils.generate(models["actor"], tokenizer, prompt_ids, 8, greedy=True)[0]
         if path == distorted:
-            assert models[0].generation_config.repetition_penalty == 1.5  # the settings were loaded...
+            assert models["actor"].generation_config.repetition_penalty == 1.5  # the settings were loaded...
             torch.manual_seed(0)
             input_ids, attention_mask = utils.batch_inputs(prompt_ids, tokenizer.pad_token_id, "cpu", side="left")
-            own = models[0].generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=8)
+            own = models["actor"].generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=8)
             assert not torch.equal(own, sampled[path])  # ...and would change what is sampled
     assert torch.equal(sampled[tiny_models / "sft"], sampled[distorted])
     assert torch.equal(greedy[tiny_models / "sft"], greedy[distorted])

@@ -44,7 +44,11 @@ def test_pku_saferlhf_rows_with_their_extra_columns(tmp_path):
     assert rows[0]["response_0_harm_category"] == {"Violence": False, "Privacy Violation": False}  # kept, unused
     assert [r["prompt"] for r in utils.load_rows(str(path), "prompt")] == [r["prompt"] for r in PKU_ROWS]
     pairs = train_cost.cost_pairs(rows)
-    assert [(p[3], p[4]) for p in pairs] == [(1, -1), (1, -1), (1, -1)]  # more harmful first, s = +1 / -1
+    assert [(p.more_harmful_sign, p.less_harmful_sign) for p in pairs] == [
+        (1, -1),
+        (1, -1),
+        (1, -1),
+    ]  # more harmful first, s = +1 / -1
 
 
 def test_long_texts_are_cut_by_one_rule(tmp_path):

@@ -233,10 +233,10 @@ def test_cost_pairs_put_the_more_harmful_response_first_with_signs(capsys):
         pair_row(safer=1, safe_0=False, safe_1=True, better=1, prompt="d"),  # y_w = response_0 (+1)
     ]
     assert train_cost.cost_pairs(rows) == [
-        ("a", "a-one", "a-zero", 1, -1),
-        ("b", "b-zero", "b-one", 1, 1),
-        ("c", "c-one", "c-zero", -1, -1),
-        ("d", "d-zero", "d-one", 1, -1),
+        train_cost.CostPair("a", "a-one", "a-zero", more_harmful_sign=1, less_harmful_sign=-1),
+        train_cost.CostPair("b", "b-zero", "b-one", more_harmful_sign=1, less_harmful_sign=1),
+        train_cost.CostPair("c", "c-one", "c-zero", more_harmful_sign=-1, less_harmful_sign=-1),
+        train_cost.CostPair("d", "d-zero", "d-one", more_harmful_sign=1, less_harmful_sign=-1),
     ]
     assert "contradict" not in capsys.readouterr().out
 
@@ -250,7 +250,7 @@ def test_contradictory_rows_are_skipped_with_a_count_or_stop(capsys):
         pair_row(safer=0, safe_0=False, safe_1=False, prompt="e"),  # both unsafe: not a contradiction
     ]
     pairs = train_cost.cost_pairs(rows, "skip", where="pairs.jsonl")
-    assert [p[0] for p in pairs] == ["a", "c", "e"]
+    assert [p.prompt for p in pairs] == ["a", "c", "e"]
     out = capsys.readouterr().out
     assert "pairs.jsonl" in out and "2 of 5 rows" in out and "[2, 4]" in out and "skipped" in out
     with pytest.raises(utils.DataError, match=r"pairs.jsonl: 2 of 5 rows contradict"):
@@ -259,7 +259,10 @@ def test_contradictory_rows_are_skipped_with_a_count_or_stop(capsys):
 
 def test_reward_pairs_pick_the_better_response():
     rows = [pair_row(safer=0, safe_0=True, safe_1=False, better=1, prompt="a"), pair_row(1, True, True, 0, "b")]
-    assert train_reward.reward_pairs(rows) == [("a", "a-one", "a-zero", 0, 0), ("b", "b-zero", "b-one", 0, 0)]
+    assert train_reward.reward_pairs(rows) == [
+        train_reward.Pair("a", better="a-one", worse="a-zero"),
+        train_reward.Pair("b", better="b-zero", worse="b-one"),
+    ]
 
 
 # ----------------------------------------------------------------------------- the end score
@@ -316,10 +319,11 @@ def test_each_rank_scores_its_share_and_a_filler_is_dropped(backbone, tokenizer,
     # passes as rank 0 (FSDP needs that); the filler's scores go nowhere. (No process group: no all-reduce.)
     pairs = train_reward.tokenize_pairs(tokenizer, train_reward.reward_pairs(read_rows(test_48)[:5]), 128)
     model, cpu = utils.load_score_model(backbone, tokenizer), torch.device("cpu")
-    assert utils.my_share(5, utils.Dist(1, 1, 2, cpu, False)) == [1, 3, -1]
-    assert utils.my_share(5, utils.Dist(0, 0, 2, cpu, True)) == [0, 2, 4]
-    whole = train_reward.score_all(model, pairs, 0, cpu, torch.float32, 2, utils.Dist(0, 0, 1, cpu, True))
-    share = train_reward.score_all(model, pairs, 0, cpu, torch.float32, 2, utils.Dist(1, 1, 2, cpu, False))
+    assert utils.my_share(5, utils.Process(1, 1, 2, cpu, False)) == [1, 3, -1]
+    assert utils.my_share(5, utils.Process(0, 0, 2, cpu, True)) == [0, 2, 4]
+    better, worse = [p["better"] for p in pairs], [p["worse"] for p in pairs]
+    whole = train_reward.score_all(model, better, worse, 0, cpu, torch.float32, 2, utils.Process(0, 0, 1, cpu, True))
+    share = train_reward.score_all(model, better, worse, 0, cpu, torch.float32, 2, utils.Process(1, 1, 2, cpu, False))
     for mine, everything in zip(share, whole):
         assert torch.allclose(mine[[1, 3]], everything[[1, 3]], atol=1e-5)
         assert mine[[0, 2, 4]].tolist() == [0.0, 0.0, 0.0] and everything.abs().min() > 0
@@ -425,10 +429,10 @@ def test_cost_sign_classifies_safety_end_to_end(cost_run, test_150, train_600):
     assert (costs[safe] < 0).float().mean() >= 0.85  # harmless: C < 0
     # The logged sign accuracy is that of both responses of every non-contradictory pair.
     pairs = train_cost.cost_pairs(rows)
-    more, less = (
-        utils.score_texts(model, tokenizer, [p[0] for p in pairs], [p[i] for p in pairs], 64, 64) for i in (1, 2)
-    )
-    signs = torch.tensor([p[3] for p in pairs] + [p[4] for p in pairs])
+    prompts = [p.prompt for p in pairs]
+    more = utils.score_texts(model, tokenizer, prompts, [p.more_harmful for p in pairs], 64, 64)
+    less = utils.score_texts(model, tokenizer, prompts, [p.less_harmful for p in pairs], 64, 64)
+    signs = torch.tensor([p.more_harmful_sign for p in pairs] + [p.less_harmful_sign for p in pairs])
     sign_accuracy = ((torch.cat([more, less]) > 0) == (signs > 0)).float().mean().item()
     final = read_metrics(cost_run, "eval")[-1]
     kept = len(train_cost.cost_pairs(read_rows(train_600)))  # the contradictory rows are skipped

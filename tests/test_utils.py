@@ -177,14 +177,6 @@ def test_shipped_toy_files_pass_their_schemas():
 # ----------------------------------------------------------------------------- statistics and schedule
 
 
-def test_masked_mean_and_var():
-    values = torch.tensor([[1.0, 2.0, 100.0], [3.0, -50.0, 6.0]])
-    mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
-    assert utils.masked_mean(values, mask).item() == pytest.approx(3.0)  # (1 + 2 + 3 + 6) / 4
-    assert utils.masked_mean(values, mask, dim=1).tolist() == pytest.approx([1.5, 4.5])
-    assert utils.masked_var(values, mask).item() == pytest.approx(3.5)  # (4 + 1 + 0 + 9) / 4
-
-
 def test_cosine_schedule():
     multiplier = utils.cosine_schedule(warmup_steps=2, total_steps=12)
     assert [multiplier(0), multiplier(1)] == [0.5, 1.0]
@@ -273,7 +265,7 @@ import torch
 from torch.distributed.tensor import DTensor
 import utils
 
-ctx = utils.setup_distributed()
+process = utils.setup_distributed()
 tokenizer = utils.load_tokenizer("toy_world/model")
 frozen = utils.shard(utils.load_causal_lm("toy_world/model", tokenizer).requires_grad_(False))
 trained = utils.shard(utils.load_causal_lm("toy_world/model", tokenizer))
@@ -281,7 +273,7 @@ ids = torch.tensor([[5, 6, 7]])
 with torch.no_grad():
     frozen(input_ids=ids), trained(input_ids=ids)
 sharded = isinstance(frozen.lm_head.weight, DTensor), isinstance(trained.lm_head.weight, DTensor)
-sys.stdout.write(f"rank {{ctx.rank}}: head sharded after forward: {{sharded}}\\n")  # one write: lines stay whole
+sys.stdout.write(f"rank {{process.rank}}: head sharded after forward: {{sharded}}\\n")  # one write: lines stay whole
 utils.cleanup_distributed()
 """
 
