@@ -101,6 +101,7 @@ class AlwaysRefuses(torch.nn.Module):
     def __init__(self, tokenizer):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.generation_config = None  # as a Hugging Face model's (utils.generate sets it aside for the call)
         self.answer = tokenizer(world.refusal(0), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
     def generate(self, input_ids, attention_mask, generation_config, **kwargs):  # as HF generate, e.g. synced_gpus
@@ -179,3 +180,18 @@ def test_find_policies_in_pipeline_order(tmp_path):
     (tmp_path / "reward_shaping_1.0").mkdir()  # no checkpoint: skipped
     found = evaluate.find_policies(str(tmp_path))
     assert list(found) == ["sft", "ppo_lag", "ppo", "reward_shaping_0.3", "reward_shaping_3.0"]
+
+
+def test_each_prompt_is_evaluated_once(tiny_run, tmp_path, monkeypatch, capsys):
+    """PKU-SafeRLHF repeats prompts across rows: as the original's prompt dataset, each is taken once."""
+    monkeypatch.setattr(utils, "load_causal_lm", lambda path, tokenizer, dtype=torch.float32: AlwaysRefuses(tokenizer))
+    twice = tmp_path / "twice.jsonl"
+    lines = (tiny_run / "prompts.jsonl").read_text().splitlines(keepends=True)
+    twice.write_text("".join(lines + lines[:4]))  # 9 prompts, 4 of them again
+    evaluate.main(
+        tiny_args(
+            tiny_run, models=[f"refuser={tiny_run / 'refuser'}"], prompts=str(twice), output_dir=str(tmp_path / "eval")
+        )
+    )
+    assert "4 duplicate prompts dropped, 9 left" in capsys.readouterr().out
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["models"]["refuser"]["n"] == 9
