@@ -259,9 +259,8 @@ def main(args):
         raise ValueError(f"--contradictions must be 'skip' or 'stop', got {args.contradictions!r}")
     process = utils.setup_distributed()
     dtype = utils.resolve_dtype(args.dtype, process.device)
-    per_rank = utils.rank_share(
-        args.batch_size, process.world_size, "batch_size"
-    )  # the same global batch at any rank count
+    # The same global batch at any number of ranks: each rank takes its share.
+    per_rank = utils.rank_share(args.batch_size, process.world_size, "batch_size")
     utils.seed_everything(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
