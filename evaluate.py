@@ -5,11 +5,12 @@ r"""Stage 5: evaluate policies: generate, score with R and C, judge, compare, an
     python evaluate.py --arena ppo_lag sft               # also: the two head to head
     python evaluate.py --models alpaca=output/sft_alpaca beaver=output/ppo_lag_pku \
         --prompts PKU-Alignment/PKU-SafeRLHF --prompts_split test --max_prompt_length 256 --max_new_tokens 256 \
-        --reward_model PKU-Alignment/beaver-7b-v1.0-reward --cost_model PKU-Alignment/beaver-7b-v1.0-cost
+        --reward_model PKU-Alignment/beaver-7b-unified-reward --cost_model PKU-Alignment/beaver-7b-unified-cost
 
-Writes to output/eval: responses.csv (one row per model x prompt), summary.json, and figures:
+The reward and cost models are ours or the original code's (the released beaver-7b-* judges), by path or hub
+name. Writes to output/eval: responses.csv (one row per model x prompt), summary.json, and figures:
 reward_vs_cost.png (Fig. 4), safety_and_elo.png (Fig. 5), training_curves.png (λ, Ĵ_C, reward, KL
-of the PPO-Lag run), tradeoff.png (the Q3 comparison of PPO-Lag, PPO and reward shaping).
+of the PPO-Lag run), tradeoff.png (helpfulness vs harmlessness of every policy: Q2 and Q3).
 On toy-world prompts the toy world's judge rates every response, as GPT-4 and humans do in the paper.
 """
 
@@ -29,7 +30,7 @@ from toy_world import world
 @dataclass
 class Args:
     models: list = field(default_factory=list)
-    """policies as NAME=PATH; default: every policy under output/ (sft, ppo_lag, ppo, reward_shaping_<ν>)"""
+    """policies as NAME=PATH; default: every policy under output/ (sft, ppo_lag, ppo, ppo_single, reward_shaping_<ν>)"""
     prompts: str = "toy_world/data/prompts_eval.jsonl"
     """evaluation prompts: a .jsonl/.json file with `prompt` (and `category`) or a hub name"""
     prompts_split: str = "test"
@@ -62,7 +63,7 @@ class Args:
 
 def find_policies(root="output"):
     """Every policy the pipeline writes, SFT first, reward shaping by ν."""
-    found = {name: os.path.join(root, name) for name in ("sft", "ppo_lag", "ppo")}
+    found = {name: os.path.join(root, name) for name in ("sft", "ppo_lag", "ppo", "ppo_single")}
     shaping = [p for p in glob.glob(os.path.join(root, "reward_shaping_*")) if os.path.isdir(p)]
     for path in sorted(shaping, key=lambda p: float(p.rsplit("_", 1)[1])):
         found[os.path.basename(path)] = path
@@ -279,7 +280,7 @@ def plot_all(rows, summary, elo, args):
         )
     else:
         axis.set(xlabel="share of responses with C <= 0", ylabel="mean reward")
-    axis.set_title("PPO-Lag vs. PPO vs. reward shaping (Q3)")
+    axis.set_title("PPO-Lag vs. one preference (Q2) vs. reward shaping (Q3)", fontsize=10)
     save(figure, "tradeoff.png")
     return written
 
@@ -330,7 +331,7 @@ def main(args):
     for name, path in (("reward", args.reward_model), ("cost", args.cost_model)):
         tokenizer = utils.load_tokenizer(path)
         scorers[name] = (
-            utils.load_score_model(path, tokenizer, utils.resolve_dtype(args.dtype, device)).to(device).eval(),
+            utils.load_scorer(path, tokenizer, utils.resolve_dtype(args.dtype, device)).to(device).eval(),
             tokenizer,
         )
     rows = []

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The whole Safe RLHF pipeline on the embedded toy world, then the evaluation and its figures.
 #
-#   bash pipeline.sh           # SFT -> reward -> cost -> PPO-Lag, PPO, reward shaping (3 values of ν) -> evaluate
+#   bash pipeline.sh           # SFT -> reward -> cost -> PPO-Lag, PPO, reward shaping (3 values of ν),
+#                              #   and Q2's baseline: one reward model on single-dimensional labels -> PPO on it
+#                              #   -> evaluate
 #   bash pipeline.sh --quick   # SFT -> reward -> cost -> PPO-Lag -> evaluate
 #
-# Every stage writes to output/<stage>/. The five RL runs go two at a time, one thread each; their
+# Every stage writes to output/<stage>/. The six RL runs go two at a time, one thread each; their
 # logs are in output/logs/. NUS="0.1 0.3 1.0 3.0" bash pipeline.sh sweeps other values of ν.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -20,19 +22,23 @@ $PYTHON train_reward.py
 step "3. cost model"
 $PYTHON train_cost.py
 
-runs="ppo_lag"  # the RL runs: "ppo_lag", "ppo" or "reward_shaping:<ν>"
+runs="ppo_lag"  # the RL runs: "ppo_lag", "ppo", "ppo_single" or "reward_shaping:<ν>"
 if [ "${1:-}" = "--quick" ]; then
     step "4. PPO-Lagrangian"
     $PYTHON ppo_lagrangian.py
 else
-    step "4. PPO-Lagrangian, PPO, and reward shaping with ν in $NUS (two runs at a time)"
+    step "3b. Q2: one reward model on single-dimensional preferences"
+    $PYTHON train_reward.py --dataset toy_world/data/preference_single_train.jsonl \
+        --eval_dataset toy_world/data/preference_single_test.jsonl --output_dir output/reward_single
+    step "4. PPO-Lagrangian, PPO, PPO on the single reward, reward shaping with ν in $NUS (two at a time)"
     mkdir -p output/logs
-    runs="$runs ppo"
+    runs="$runs ppo ppo_single"
     for nu in $NUS; do runs="$runs reward_shaping:$nu"; done
-    # One RL run: "ppo_lag", "ppo" or "reward_shaping:<ν>"; prints its judge line when it ends.
+    # One RL run: "ppo_lag", "ppo", "ppo_single" or "reward_shaping:<ν>"; prints its judge line when it ends.
     rl_run() {
         algorithm=${1%%:*}
         flags="--algorithm $algorithm"
+        [ "$algorithm" = ppo_single ] && flags="--algorithm ppo --reward_model output/reward_single --output_dir output/ppo_single"
         [ "$algorithm" = reward_shaping ] && flags="$flags --cost_coef ${1#*:}"
         log="output/logs/${1/:/_}.log"
         echo "  start  $1 (log: $log)"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoConfig
 
 import utils
 
@@ -571,9 +572,14 @@ def main(args):
     def critic(name, default):
         """A critic reads the actor's tokens, so it needs the actor's tokenizer (the scorers need not)."""
         path = os.path.join(output_dir, name) if args.resume else getattr(args, f"{name}_model") or default
+        hint = f"pass --{name}_model (e.g. the SFT model)"
         if utils.load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"{path} does not share the actor's tokenizer: pass --{name}_model (e.g. the SFT model)")
-        return trainable(utils.load_score_model(path, tokenizer))
+            raise ValueError(f"{path} does not share the actor's tokenizer: {hint}")
+        if utils.is_original_score_model(AutoConfig.from_pretrained(path)):
+            raise ValueError(
+                f"{path} is in the original code's score format, which scores but is not trained here: {hint}"
+            )
+        return trainable(utils.load_score_model(path, tokenizer, new_head=True))
 
     wrapped = {
         "actor": trainable(
@@ -582,12 +588,12 @@ def main(args):
     }
     reference = frozen(utils.load_causal_lm(args.actor_model_name_or_path, tokenizer))
     reward_tokenizer = utils.load_tokenizer(args.reward_model)
-    reward_model = (frozen(utils.load_score_model(args.reward_model, reward_tokenizer)), reward_tokenizer)
+    reward_model = (frozen(utils.load_scorer(args.reward_model, reward_tokenizer)), reward_tokenizer)
     wrapped["reward_critic"] = critic("reward_critic", args.reward_model)
     cost_model = None
     if args.algorithm != "ppo":
         cost_tokenizer = utils.load_tokenizer(args.cost_model)
-        cost_model = (frozen(utils.load_score_model(args.cost_model, cost_tokenizer)), cost_tokenizer)
+        cost_model = (frozen(utils.load_scorer(args.cost_model, cost_tokenizer)), cost_tokenizer)
     if lagrangian:
         wrapped["cost_critic"] = critic("cost_critic", args.cost_model)
     raw_models = {name: utils.unwrap(model) for name, model in wrapped.items()}  # without DDP's wrapper

@@ -242,7 +242,7 @@ def plot_figures(args, cost_model, tokenizer):
     if os.path.isdir(args.reward_model):
         reward_tokenizer = utils.load_tokenizer(args.reward_model)
         device = next(cost_model.parameters()).device
-        reward_model = utils.load_score_model(args.reward_model, reward_tokenizer).to(device).eval()
+        reward_model = utils.load_scorer(args.reward_model, reward_tokenizer).to(device).eval()
         rewards = utils.score_texts(
             reward_model, reward_tokenizer, prompts, responses, args.max_length, args.max_length
         ).cpu()
@@ -283,7 +283,7 @@ def main(args):
 
     # ------------------------------------------------------------------ model and optimizer
     source = args.output_dir if args.resume else args.model_name_or_path
-    model = utils.load_score_model(source, tokenizer)
+    model = utils.load_score_model(source, tokenizer, new_head=True)  # a new head on the SFT model
     if args.gradient_checkpointing:
         utils.enable_gradient_checkpointing(model.model)
     model.train()

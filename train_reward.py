@@ -190,7 +190,7 @@ def main(args):
 
     # ------------------------------------------------------------------ model and optimizer
     source = args.output_dir if args.resume else args.model_name_or_path
-    model = utils.load_score_model(source, tokenizer)
+    model = utils.load_score_model(source, tokenizer, new_head=True)  # a new head on the SFT model
     if args.gradient_checkpointing:
         utils.enable_gradient_checkpointing(model.model)
     model.train()

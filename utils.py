@@ -98,20 +98,138 @@ def end_of_sequence(values, attention_mask):
     return values.gather(1, last[:, None]).squeeze(1)  # (B,)
 
 
-def load_score_model(path, tokenizer, dtype=torch.float32):
-    """A ScoreModel from a score checkpoint, or a new score head on a causal LM (e.g. output/sft)."""
+def load_score_model(path, tokenizer, dtype=torch.float32, new_head=False):
+    """A ScoreModel from one of our score checkpoints, or with new_head, a new score head on a causal LM
+    (output/sft: how reward models and critics start). A score checkpoint whose head weights are missing
+    stops the run instead of scoring with a random head."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     kwargs = dict(num_labels=1, id2label={0: "score"}, label2id={"score": 0})
+    config = AutoConfig.from_pretrained(path)
+    language_model = any(name.endswith("ForCausalLM") for name in config.architectures or [])
+    if is_original_score_model(config):
+        raise ValueError(
+            f"{path} is a score model in the original code's format ({config.architectures[0]}): it can score "
+            "(--reward_model / --cost_model) but not be trained here; start from a causal LM or one of our checkpoints"
+        )
+    if language_model and not new_head and has_weights(path):
+        raise ValueError(f"{path} is a language model ({config.architectures[0]}), not a reward or cost model")
     if has_weights(path):
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, **kwargs)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=dtype, output_loading_info=True, **kwargs
+        )
+        missing_head = [key for key in info["missing_keys"] if key.split(".")[0] == "score"]
+        if missing_head and not language_model:
+            raise ValueError(f"{path}: the score head's weights ({', '.join(sorted(missing_head))}) are missing")
     else:
-        config = AutoConfig.from_pretrained(path, **kwargs)
-        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path, **kwargs), dtype=dtype)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     return ScoreModel(model)
+
+
+def load_scorer(path, tokenizer, dtype=torch.float32):
+    """A frozen R or C to score with: one of our checkpoints, or one in the original code's format (the
+    released PKU-Alignment/beaver-7b-* reward and cost models). By hub name or local folder."""
+    from transformers import AutoConfig
+
+    if is_original_score_model(AutoConfig.from_pretrained(path)):
+        return OriginalScoreModel.from_pretrained(path, tokenizer, dtype)
+    return load_score_model(path, tokenizer, dtype)
+
+
+def is_original_score_model(config):
+    """The original code's score models name their class `LlamaForScore` (earlier `LlamaModelForScore`)
+    and carry `score_dim` in their config."""
+    return any(name.endswith("ForScore") for name in config.architectures or []) or hasattr(config, "score_dim")
+
+
+class OriginalScoreModel(torch.nn.Module):
+    """A score model in the original code's format: a backbone (e.g. LlamaModel, weights `model.*`), a
+    linear `score_head` (with a bias unless `score_bias` is false), per-token scores read at the last real
+    token, and, only when config.do_normalize, a normaliser from the mean and variance it stored:
+    (s - mean) / (std + 1e-8) for a reward, s / (std + 1e-8) for a cost, s for a critic.
+    The released beaver-7b models have do_normalize false: their score is the head's output."""
+
+    def __init__(self, backbone, score_head, normalize):
+        super().__init__()
+        self.backbone, self.score_head, self.normalize = backbone, score_head, normalize
+        self.config, self._no_split_modules = backbone.config, backbone._no_split_modules  # for dropout and FSDP
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+        ).last_hidden_state  # (B, T, H)
+        return self.normalize(self.score_head(hidden).float()[..., 0])  # (B, T): the first score dimension
+
+    def end_scores(self, input_ids, attention_mask):
+        return end_of_sequence(self(input_ids, attention_mask), attention_mask)
+
+    @classmethod
+    def from_pretrained(cls, path, tokenizer, dtype=torch.float32):
+        from transformers import AutoConfig, AutoModel
+
+        config = AutoConfig.from_pretrained(path)
+        folder = path if os.path.isdir(path) else _download(path)
+        tensors = _read_tensors(folder, ("score_head.", "normalizer."))
+        if "score_head.weight" not in tensors:
+            raise ValueError(f"{path}: a {config.architectures[0]} checkpoint without score_head.weight")
+        backbone, info = AutoModel.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+        if info["missing_keys"]:
+            raise ValueError(
+                f"{path}: backbone weights missing from the checkpoint: {sorted(info['missing_keys'])[:5]}"
+            )
+        weight = tensors["score_head.weight"]  # (score_dim, H)
+        has_bias = getattr(config, "score_bias", True) and "score_head.bias" in tensors
+        score_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, dtype=dtype)
+        score_head.weight.data.copy_(weight)
+        if has_bias:
+            score_head.bias.data.copy_(tensors["score_head.bias"])
+        normalize = _normalizer(config, tensors, path)
+        if len(tokenizer) > backbone.get_input_embeddings().num_embeddings:
+            backbone.resize_token_embeddings(len(tokenizer))
+        return cls(backbone, score_head, normalize).eval()
+
+
+def _normalizer(config, tensors, path):
+    """The original's output normaliser, or the identity when config.do_normalize is false."""
+    if not getattr(config, "do_normalize", False):
+        return lambda scores: scores
+    function = {"reward": "affine", "cost": "scale", "critic": "identity"}.get(getattr(config, "score_type", "reward"))
+    if function is None:
+        raise ValueError(f"{path}: unknown score_type {config.score_type!r} (reward, cost or critic)")
+    mean = tensors.get("normalizer.mean", torch.tensor(getattr(config, "mean", None) or [0.0])).float()[0]
+    var = tensors.get("normalizer.var", torch.tensor(getattr(config, "var", None) or [1.0])).float()[0]
+    std = var.sqrt().item() + 1e-8
+    if function == "affine":
+        return lambda scores: (scores - mean.item()) / std
+    if function == "scale":
+        return lambda scores: scores / std
+    return lambda scores: scores
+
+
+def _download(name):
+    """A hub model's files (config, tokenizer, weights): downloads when the network allows."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"])
+
+
+def _read_tensors(folder, prefixes):
+    """The tensors of a checkpoint folder (safetensors or .bin shards) whose names start with `prefixes`."""
+    from safetensors import safe_open
+
+    found = {}
+    for name in sorted(os.listdir(folder)):
+        file = os.path.join(folder, name)
+        if name.endswith(".safetensors"):
+            with safe_open(file, framework="pt") as shard:
+                found.update({key: shard.get_tensor(key) for key in shard.keys() if key.startswith(prefixes)})
+        elif name.endswith(".bin"):
+            shard = torch.load(file, map_location="cpu", weights_only=True)
+            found.update({key: value for key, value in shard.items() if key.startswith(prefixes)})
+    return found
 
 
 @torch.no_grad()

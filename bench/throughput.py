@@ -71,7 +71,7 @@ def bench_sft(args, tokenizer, device, dtype):
 
 
 def bench_score(args, tokenizer, device, dtype):
-    model = utils.load_score_model(args.model, tokenizer).to(device).train()
+    model = utils.load_score_model(args.model, tokenizer, new_head=True).to(device).train()
     if args.gradient_checkpointing:
         utils.enable_gradient_checkpointing(model.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -102,9 +102,11 @@ def bench_ppo(args, tokenizer, device, dtype):
         return model.to(device, dtype).eval().requires_grad_(False)
 
     actor = trainable(utils.load_causal_lm(args.model, tokenizer))
-    critics = {name: trainable(utils.load_score_model(args.model, tokenizer)) for name in ("reward", "cost")}
+    critics = {
+        name: trainable(utils.load_score_model(args.model, tokenizer, new_head=True)) for name in ("reward", "cost")
+    }
     reference = frozen(utils.load_causal_lm(args.model, tokenizer))
-    scorers = [(frozen(utils.load_score_model(args.model, tokenizer)), tokenizer) for _ in range(2)]
+    scorers = [(frozen(utils.load_score_model(args.model, tokenizer, new_head=True)), tokenizer) for _ in range(2)]
     models = (actor, reference, *scorers, critics["reward"], critics["cost"])
     trained = {"actor": actor, "reward_critic": critics["reward"], "cost_critic": critics["cost"]}
     optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-6) for name, model in trained.items()}

@@ -287,7 +287,7 @@ def conversations(tokenizer):
 
 
 def test_padding_never_changes_the_end_score(backbone, tokenizer, conversations):
-    model = utils.load_score_model(backbone, tokenizer).eval()
+    model = utils.load_score_model(backbone, tokenizer, new_head=True).eval()
     pad_id = tokenizer.pad_token_id
 
     @torch.no_grad()
@@ -318,7 +318,7 @@ def test_each_rank_scores_its_share_and_a_filler_is_dropped(backbone, tokenizer,
     # 5 pairs over 2 ranks: rank 1 scores pairs 1 and 3, then a filler so that it runs as many forward
     # passes as rank 0 (FSDP needs that); the filler's scores go nowhere. (No process group: no all-reduce.)
     pairs = train_reward.tokenize_pairs(tokenizer, train_reward.reward_pairs(read_rows(test_48)[:5]), 128)
-    model, cpu = utils.load_score_model(backbone, tokenizer), torch.device("cpu")
+    model, cpu = utils.load_score_model(backbone, tokenizer, new_head=True), torch.device("cpu")
     assert utils.my_share(5, utils.Process(1, 1, 2, cpu, False)) == [1, 3, -1]
     assert utils.my_share(5, utils.Process(0, 0, 2, cpu, True)) == [0, 2, 4]
     better, worse = [p["better"] for p in pairs], [p["worse"] for p in pairs]

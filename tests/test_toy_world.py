@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from toy_world import world
+from toy_world import generate, world
 
 ROOT = Path(__file__).parents[1]
 TOY = ROOT / "toy_world"
@@ -346,7 +346,7 @@ def test_generator_is_deterministic(tmp_path):
 
 def test_data_files_and_fields():
     assert data_files() == sorted(
-        [f"{kind}_{split}.jsonl" for kind in ["sft", "preference"] for split in ["train", "test"]]
+        [f"{kind}_{split}.jsonl" for kind in ["sft", "preference", "preference_single"] for split in ["train", "test"]]
         + ["prompts_train.jsonl", "prompts_eval.jsonl"]
     )
     for name in data_files():
@@ -382,6 +382,47 @@ def test_preference_labels(name):
     # The two preference ids follow the judge up to ~3% annotator noise: noisy, but not too noisy.
     assert 0.90 <= agree_better / len(rows) <= 0.995
     assert 0.90 <= agree_safer / len(rows) <= 0.995
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_single_dimensional_labels_are_the_raters_and_only_change_better_response_id(split):
+    """Q2's labels: the same pairs, `better_response_id` from one rater of the pool weighing helpfulness
+    against harm; every other field as in the two-dimensional file."""
+    import random
+
+    two, single = read_jsonl(f"preference_{split}.jsonl"), read_jsonl(f"preference_single_{split}.jsonl")
+    assert len(two) == len(single)
+    for a, b in zip(two, single):
+        assert {k: v for k, v in a.items() if k != "better_response_id"} == {
+            k: v for k, v in b.items() if k != "better_response_id"
+        }
+    # Against the helpfulness label on pairs where helpfulness and harm conflict: raters split.
+    conflict = [
+        (a, b) for a, b in zip(two, single) if a["better_response_id"] != a["safer_response_id"]
+    ]  # fmt: skip
+    follows_help = sum(a["better_response_id"] == b["better_response_id"] for a, b in conflict) / len(conflict)
+    assert 0.3 < follows_help < 0.9
+    # With no noise, a rater who prices harm at 0 follows helpfulness, one with a high price avoids harm.
+    quiet = random.Random(0)
+    quiet.random = lambda: 1.0  # never below NOISE
+    for row in two[:200]:
+        helpfulness = [world.judge(row["prompt"], row[f"response_{i}"]).helpfulness for i in (0, 1)]
+        harm = [generate.harmful_steps(row["prompt"], row[f"response_{i}"]) for i in (0, 1)]
+        assert generate.single_label(quiet, row, 0.0) == int(helpfulness[1] > helpfulness[0])
+        if harm[0] != harm[1]:
+            assert generate.single_label(quiet, row, 100.0) == int(harm[1] < harm[0])
+
+
+def test_inter_rater_agreement_of_the_three_kinds_of_labels():
+    import random
+
+    rows = read_jsonl("preference_train.jsonl")
+    agreement = generate.inter_rater_agreement(rows, random.Random(1))
+    # Helpfulness and harmlessness raters differ only by their 3% noise: P(agree) = 0.97² + 0.03² = 0.9418.
+    assert agreement["helpfulness"] == pytest.approx(0.9418, abs=0.01)
+    assert agreement["harmlessness"] == pytest.approx(0.9418, abs=0.01)
+    # Single-dimensional raters also differ in their price of harm: they agree less.
+    assert agreement["single"] < agreement["helpfulness"] - 0.05
 
 
 def test_eval_prompts_are_held_out_of_training():

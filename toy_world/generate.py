@@ -12,8 +12,14 @@ Files (data/*.jsonl, one JSON object per line):
   `response_1`, `better_response_id`, `safer_response_id`, `is_response_0_safe`,
   `is_response_1_safe`) plus `category`. Labels come from the judge, with annotator noise on
   the two preference ids.
+- preference_single_train / preference_single_test: the same pairs with *single-dimensional* labels,
+  for the paper's Q2: `better_response_id` is the answer to "which response is better, all things
+  considered?" from one rater of a pool, each rater with their own price of harm (see `single_label`),
+  with the same annotator noise; the other fields are those of preference_*.jsonl.
 - prompts_train / prompts_eval: `prompt`, `category`; eval prompts use phrasings held out from
   every training file for their task.
+
+    python -m toy_world.generate --agreement     # inter-rater agreement of the three kinds of labels
 """
 
 import argparse
@@ -25,6 +31,8 @@ from toy_world import world
 
 SEED = 20240116
 NOISE = 0.03  # annotator noise on better_response_id and safer_response_id
+RATERS = 20  # the pool of raters who give single-dimensional labels
+HARM_PRICE = (0.0, 4.0)  # a rater's price of one harmful step, in helpfulness points: uniform in this range
 SFT_PER_PROMPT = {"train": 16, "test": 4}
 PAIRS_PER_PROMPT = {"train": 24, "test": 8}
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -172,6 +180,59 @@ def preference_row(rng, prompt, task):
     }
 
 
+def harmful_steps(prompt, response):
+    """How many harmful steps a response gives (0 for a safe one)."""
+    level = world.harm_level(prompt, response)
+    return int(level - 100) if level >= 100 else 0
+
+
+def single_label(rng, row, harm_price):
+    """'Which response is better, all things considered?' as one rater answers it: the rater weighs the
+    judge's helpfulness against `harm_price` helpfulness points per harmful step, then errs as the other
+    annotators do (NOISE). Raters with a low price prefer a complete harmful answer to a refusal; raters
+    with a high price the reverse: that is where single-dimensional labels disagree."""
+    utility = [
+        world.judge(row["prompt"], row[f"response_{i}"]).helpfulness
+        - harm_price * harmful_steps(row["prompt"], row[f"response_{i}"])
+        for i in (0, 1)
+    ]
+    label = rng.randrange(2) if utility[0] == utility[1] else int(utility[1] > utility[0])
+    return 1 - label if rng.random() < NOISE else label
+
+
+def rater_pool(rng):
+    return [rng.uniform(*HARM_PRICE) for _ in range(RATERS)]
+
+
+def write_single_labels(out_dir, rng):
+    """preference_single_*.jsonl: the pairs of preference_*.jsonl, each labelled by one rater of the pool.
+    Drawn from their own generator, so the other files keep their bytes."""
+    raters = rater_pool(rng)
+    for split in ("train", "test"):
+        with open(os.path.join(out_dir, f"preference_{split}.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        single = [{**row, "better_response_id": single_label(rng, row, rng.choice(raters))} for row in rows]
+        write_jsonl(os.path.join(out_dir, f"preference_single_{split}.jsonl"), single)
+
+
+def inter_rater_agreement(rows, rng, raters_per_pair=3):
+    """The share of rater pairs that agree, over pairs judged by `raters_per_pair` raters each, for the
+    three kinds of labels: helpfulness and harmlessness (each rater the judge's ranking, with NOISE) and
+    single-dimensional (each rater with their own price of harm, with NOISE)."""
+    pool = rater_pool(rng)
+    agree = {"helpfulness": 0, "harmlessness": 0, "single": 0}
+    pairs_of_raters = raters_per_pair * (raters_per_pair - 1) // 2
+    for row in rows:
+        judged = [world.judge(row["prompt"], row[f"response_{i}"]).helpfulness for i in (0, 1)]
+        harm = [world.harm_level(row["prompt"], row[f"response_{i}"]) for i in (0, 1)]
+        truth = {"helpfulness": int(judged[1] > judged[0]), "harmlessness": int(harm[1] < harm[0])}
+        labels = {kind: [truth[kind] ^ (rng.random() < NOISE) for _ in range(raters_per_pair)] for kind in truth}
+        labels["single"] = [single_label(rng, row, price) for price in rng.sample(pool, raters_per_pair)]
+        for kind, given in labels.items():
+            agree[kind] += sum(a == b for i, a in enumerate(given) for b in given[i + 1 :]) / pairs_of_raters
+    return {kind: count / len(rows) for kind, count in agree.items()}
+
+
 def write_jsonl(path, rows):
     with open(path, "w") as f:
         for row in rows:
@@ -236,10 +297,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)), help="folder to write into")
     parser.add_argument("--seed", type=int, default=SEED, help="the seed of every random choice")
+    parser.add_argument("--agreement", action="store_true", help="print the inter-rater agreement and write nothing")
     args = parser.parse_args()
     steps = [step for task in world.TASKS for step in task.steps]
     assert len(steps) == len(set(steps)), "every step sentence must belong to one task"
+    if args.agreement:
+        with open(os.path.join(args.out, "data", "preference_train.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        agreement = inter_rater_agreement(rows, random.Random(args.seed + 2))
+        print(f"inter-rater agreement over {len(rows)} training pairs, 3 raters each:")
+        for kind, share in agreement.items():
+            print(f"  {kind:13s} {100 * share:.2f}%")
+        return
     write_data(os.path.join(args.out, "data"), random.Random(args.seed))
+    write_single_labels(os.path.join(args.out, "data"), random.Random(args.seed + 1))
     write_model(os.path.join(args.out, "model"))
     print(f"wrote {args.out}/data and {args.out}/model")
 
