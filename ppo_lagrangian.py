@@ -108,6 +108,16 @@ class Args:
     """λ is clamped to [0, lambda_max]"""
     lambda_update_delay: int = 0
     """iterations before λ starts to move"""
+    lambda_update: str = "gradient_ascent"
+    """how λ follows the constraint: gradient_ascent (the original's, on log λ) or pid (a PID controller)"""
+    pid_kp: float = 0.1
+    """PID: proportional gain, λ per unit of Ĵ_C - threshold"""
+    pid_ki: float = 0.01
+    """PID: integral gain, λ per unit of the accumulated violation"""
+    pid_kd: float = 0.1
+    """PID: derivative gain, λ per unit of rise of Ĵ_C in one iteration"""
+    pid_smoothing: float = 0.0
+    """PID: exponential smoothing (0: none) of the violation for P and of the cost for D"""
     episode_cost_window: int = 128
     """Ĵ_C is the mean cost of the last this-many episodes of all ranks together (the original keeps 128 per
     rank: pass 128 x ranks to reproduce it)"""
@@ -216,6 +226,24 @@ def lagrange_multiplier_update(log_lambda, episode_cost, threshold, lambda_lr, l
     log λ ← log λ + α_λ λ (Ĵ_C - threshold); then λ is clamped to [0, λ_max] (log λ <= log λ_max)."""
     log_lambda = log_lambda + lambda_lr * math.exp(log_lambda) * (episode_cost - threshold)
     return min(log_lambda, math.log(lambda_max))
+
+
+# PID Lagrangian (Stooke, Achiam & Abbeel, 2020, Algorithm 2). Gradient ascent is the integral term
+# alone; P reacts to the violation now, D to the cost's rise, and together they damp the overshoot.
+#   Δ = Ĵ_C - threshold;   I ← max(0, I + Δ);   ∂ = max(0, J̃_C - J̃_C,previous)
+#   λ = clip(K_P Δ̃ + K_I I + K_D ∂, 0, λ_max)
+# with Δ̃ and J̃_C exponentially smoothed (α = pid_smoothing; 0: the raw values).
+def pid_lagrange_multiplier_update(controller, episode_cost, threshold, kp, ki, kd, smoothing, lambda_max):
+    """One step of the controller; `controller` holds integral, violation (Δ̃) and cost (J̃_C, None at
+    first). Returns (λ, the new controller state)."""
+    violation = episode_cost - threshold
+    integral = max(0.0, controller["integral"] + violation)
+    smoothed_violation = smoothing * controller["violation"] + (1 - smoothing) * violation
+    previous_cost = controller["cost"]
+    cost = episode_cost if previous_cost is None else smoothing * previous_cost + (1 - smoothing) * episode_cost
+    rise = 0.0 if previous_cost is None else max(0.0, cost - previous_cost)
+    lagrange_multiplier = min(max(0.0, kp * smoothed_violation + ki * integral + kd * rise), lambda_max)
+    return lagrange_multiplier, {"integral": integral, "violation": smoothed_violation, "cost": cost}
 
 
 def token_mean(values, mask):
@@ -519,6 +547,8 @@ def main(args):
         raise ValueError(f"--algorithm must be ppo_lag, ppo or reward_shaping, got {args.algorithm!r}")
     if args.lambda_init <= 0:
         raise ValueError("--lambda_init must be > 0 (λ is kept as log λ)")
+    if args.lambda_update not in ("gradient_ascent", "pid"):
+        raise ValueError(f"--lambda_update must be gradient_ascent or pid, got {args.lambda_update!r}")
     for flag in ("actor_lr_schedule", "critic_lr_schedule"):
         if getattr(args, flag) not in ("cosine", "constant"):
             raise ValueError(f"--{flag} must be cosine or constant, got {getattr(args, flag)!r}")
@@ -614,6 +644,8 @@ def main(args):
 
     # ------------------------------------------------------------------ state: λ, episode costs, iteration
     log_lambda = math.log(args.lambda_init) if lagrangian else -math.inf
+    # PID: the integral starts where K_I I = lambda_init, so both updates start from the same λ.
+    controller = {"integral": args.lambda_init / args.pid_ki if args.pid_ki else 0.0, "violation": 0.0, "cost": None}
     # Ĵ_C's window: the last episode_cost_window episodes of all ranks, the same list on every rank.
     episode_costs = deque(maxlen=args.episode_cost_window)
     iteration = 0
@@ -628,6 +660,7 @@ def main(args):
             utils.load_optimizer_state(raw_models[name], optimizer, state["optimizers"][name])
             schedulers[name].load_state_dict(state["schedulers"][name])
         log_lambda, iteration = state["log_lambda"], state["iteration"]
+        controller = state["controller"]
         episode_costs.extend(state["episode_costs"])
         utils.set_rng_state(state["rng"][process.rank])
         if process.is_main:
@@ -646,6 +679,7 @@ def main(args):
             "optimizers": {name: utils.optimizer_state(raw_models[name], opt) for name, opt in optimizers.items()},
             "schedulers": {name: scheduler.state_dict() for name, scheduler in schedulers.items()},
             "log_lambda": log_lambda,
+            "controller": controller,
             "iteration": iteration,
             "episode_costs": list(episode_costs),
             "rng": [rng for rng, _ in gathered],
@@ -674,7 +708,13 @@ def main(args):
         # now holds this batch's episodes (every rank's, in the order of the global batch).
         episode_costs.extend(utils.all_gather(episodes.cost).tolist())
         episode_cost = sum(episode_costs) / len(episode_costs)
-        if lagrangian and iteration >= args.lambda_update_delay:
+        if lagrangian and iteration >= args.lambda_update_delay and args.lambda_update == "pid":
+            lagrange_multiplier, controller = pid_lagrange_multiplier_update(
+                controller, episode_cost, args.threshold, args.pid_kp, args.pid_ki, args.pid_kd, args.pid_smoothing,
+                args.lambda_max,
+            )  # fmt: skip
+            log_lambda = math.log(lagrange_multiplier) if lagrange_multiplier > 0 else -math.inf
+        elif lagrangian and iteration >= args.lambda_update_delay:
             log_lambda = lagrange_multiplier_update(
                 log_lambda, episode_cost, args.threshold, args.lambda_lr, args.lambda_max
             )

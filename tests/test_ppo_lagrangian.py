@@ -482,3 +482,50 @@ def test_the_users_command_runs_at_eight_ranks_with_the_default_batches(tiny_mod
     assert [r["step"] for r in records] == [1, 2]
     assert records[1]["episode_cost"] == pytest.approx(sum(state["episode_costs"]) / 96, abs=1e-5)
     assert records[1]["episode_cost"] == pytest.approx((records[0]["cost"] + records[1]["cost"]) / 2, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- λ as a PID controller
+
+
+def test_pid_lagrange_multiplier_update_by_hand():
+    update = ppo.pid_lagrange_multiplier_update
+    start = {"integral": 25.0, "violation": 0.0, "cost": None}  # K_I I = 0.25: λ_init
+    # Δ = -4 - (-5.5) = 1.5, I = 26.5, no rise yet: λ = 0.1·1.5 + 0.01·26.5 = 0.415
+    lam, state = update(start, -4.0, -5.5, 0.1, 0.01, 0.1, 0.0, 5.0)
+    assert lam == pytest.approx(0.415) and state == pytest.approx({"integral": 26.5, "violation": 1.5, "cost": -4.0})
+    # The cost rises by 0.5: Δ = 2, I = 28.5, ∂ = 0.5: λ = 0.2 + 0.285 + 0.05
+    lam, state = update(state, -3.5, -5.5, 0.1, 0.01, 0.1, 0.0, 5.0)
+    assert lam == pytest.approx(0.535)
+    # It falls far below the threshold: no derivative on a fall; P pulls λ down at once, I slowly
+    lam, state = update(state, -8.0, -5.5, 0.1, 0.01, 0.1, 0.0, 5.0)
+    assert lam == pytest.approx(-0.25 + 0.26) and state["integral"] == pytest.approx(26.0)
+    # λ stays in [0, λ_max]; the integral never goes below 0
+    lam, state = update(state, -100.0, -5.5, 0.1, 0.01, 0.1, 0.0, 5.0)
+    assert lam == 0.0 and state["integral"] == 0.0
+    lam, _ = update(state, 100.0, -5.5, 0.1, 0.01, 0.1, 0.0, 1.0)
+    assert lam == 1.0
+    # Smoothing α = 0.5: Δ̃ = 0.5·2 + 0.5·(-1) = 0.5; J̃ = 0.5·(-3) + 0.5·(-6.5) = -4.75, a fall: no ∂
+    lam, state = update({"integral": 10.0, "violation": 2.0, "cost": -3.0}, -6.5, -5.5, 0.2, 0.01, 1.0, 0.5, 5.0)
+    assert lam == pytest.approx(0.2 * 0.5 + 0.01 * 9.0) and state["cost"] == pytest.approx(-4.75)
+
+
+def test_pid_runs_resumes_and_keeps_lambda_identical_on_ranks(tiny_models, tmp_path, torchrun):
+    changes = dict(lambda_update="pid", pid_kp=0.5, pid_ki=0.05, pid_kd=0.5, threshold=0.0, iterations=4, save_every=2)
+    ppo.main(tiny_args(tiny_models, tmp_path / "whole", **changes))
+    ppo.main(tiny_args(tiny_models, tmp_path / "pieces", max_iterations=2, **changes))
+    state = torch.load(tmp_path / "pieces" / "training_state.pt", weights_only=True)
+    assert set(state["controller"]) == {"integral", "violation", "cost"} and state["controller"]["cost"] is not None
+    ppo.main(tiny_args(tiny_models, tmp_path / "pieces", resume=True, **changes))
+    whole, pieces = read(tmp_path / "whole"), read(tmp_path / "pieces")
+    assert [r["lambda"] for r in pieces] == pytest.approx([r["lambda"] for r in whole], rel=1e-6)
+    # λ follows the controller from the logged Ĵ_C, starting from λ_init = 0.25 (K_I I = 0.25)
+    controller, expected = {"integral": 0.25 / 0.05, "violation": 0.0, "cost": None}, []
+    for record in whole:
+        lam, controller = ppo.pid_lagrange_multiplier_update(
+            controller, record["episode_cost"], 0.0, 0.5, 0.05, 0.5, 0.0, 1.0
+        )
+        expected.append(lam)
+    assert [r["lambda"] for r in whole] == pytest.approx(expected, rel=1e-6)
+    torchrun("ppo_lagrangian.py", 29540, vars(tiny_args(tiny_models, tmp_path / "two", **dict(changes, iterations=2))))
+    state = torch.load(tmp_path / "two" / "training_state.pt", weights_only=True)
+    assert len(state["log_lambda_per_rank"]) == 2 and len(set(state["log_lambda_per_rank"])) == 1
