@@ -106,7 +106,8 @@ def load_score_model(path, tokenizer, dtype=torch.float32, new_head=False):
 
     kwargs = dict(num_labels=1, id2label={0: "score"}, label2id={"score": 0})
     config = AutoConfig.from_pretrained(path)
-    language_model = any(name.endswith("ForCausalLM") for name in config.architectures or [])
+    # Our score checkpoints are sequence classifiers; anything else (LlamaForCausalLM, GPT2LMHeadModel...) an LM.
+    language_model = not any(name.endswith("ForSequenceClassification") for name in config.architectures or [])
     if is_original_score_model(config):
         raise ValueError(
             f"{path} is a score model in the original code's format ({config.architectures[0]}): it can score "
