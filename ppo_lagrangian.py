@@ -110,11 +110,11 @@ class Args:
     """iterations before λ starts to move"""
     lambda_update: str = "gradient_ascent"
     """how λ follows the constraint: gradient_ascent (the original's, on log λ) or pid (a PID controller)"""
-    pid_kp: float = 0.1
+    pid_kp: float = 0.05
     """PID: proportional gain, λ per unit of Ĵ_C - threshold"""
-    pid_ki: float = 0.01
+    pid_ki: float = 0.005
     """PID: integral gain, λ per unit of the accumulated violation"""
-    pid_kd: float = 0.1
+    pid_kd: float = 0.05
     """PID: derivative gain, λ per unit of rise of Ĵ_C in one iteration"""
     pid_smoothing: float = 0.0
     """PID: exponential smoothing (0: none) of the violation for P and of the cost for D"""

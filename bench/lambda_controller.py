@@ -49,7 +49,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     parser.add_argument("--root", default=os.path.join(ROOT, "output", "lambda_controller"))
-    parser.add_argument("--pid", nargs="*", default=["--pid_kp", "0.1", "--pid_ki", "0.01", "--pid_kd", "0.1"])
+    parser.add_argument("--pid", nargs="*", default=["--pid_kp", "0.05", "--pid_ki", "0.005", "--pid_kd", "0.05"])
     parser.add_argument("--run", action="store_true", help="train the runs first (two at a time)")
     parser.add_argument("--figure", default=None, help="where to draw the figure (default: ROOT/lambda_controller.png)")
     args = parser.parse_args()
