@@ -19,12 +19,13 @@ def run_in_repo_root(monkeypatch):
 
 @pytest.fixture
 def torchrun():
-    """run(script, port, flags, nproc=2): a stage under torchrun on CPU (gloo), one thread per rank;
-    flags is a dict of --name value. Fails the test with the ranks' stderr if the run fails."""
+    """run(script, port, flags, nproc=2, positional=()): a script under torchrun on CPU (gloo), one thread
+    per rank; flags is a dict of --name value, after the positional arguments. Fails the test with the
+    ranks' stderr if the run fails."""
 
-    def run(script, port, flags, nproc=2):
+    def run(script, port, flags, nproc=2, positional=()):
         launcher = os.path.join(os.path.dirname(sys.executable), "torchrun")
-        command = [launcher, f"--nproc_per_node={nproc}", f"--master_port={port}", script]
+        command = [launcher, f"--nproc_per_node={nproc}", f"--master_port={port}", script, *positional]
         command += [item for name, value in flags.items() for item in (f"--{name}", str(value))]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)

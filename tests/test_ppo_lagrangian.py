@@ -439,8 +439,8 @@ def test_one_update_at_two_ranks_matches_one_process(tiny_models, tmp_path, torc
         command = [sys.executable, script, str(tiny_models), str(tmp_path / out), *extra]
         result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
-    for out, flags in (("ddp", {}), ("fsdp", {"fsdp": ""})):
-        torchrun_script(torchrun, script, [str(tiny_models), str(tmp_path / out)], flags)
+    for out, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+        torchrun(script, 29536, {}, positional=[str(tiny_models), str(tmp_path / out), *extra])
     reference = json.loads((tmp_path / "one" / "stats.json").read_text())
     assert reference["ptx_loss"] > 1.0 and reference["actor_loss"] != 0.0
     weights = torch.load(tmp_path / "one" / "weights.pt", weights_only=True)
@@ -452,17 +452,6 @@ def test_one_update_at_two_ranks_matches_one_process(tiny_models, tmp_path, torc
         for model in weights:
             for name in weights[model]:
                 assert torch.allclose(weights[model][name], other[model][name], atol=1e-5), (out, model, name)
-
-
-def torchrun_script(torchrun, script, positional, flags):
-    """torchrun a script that takes positional arguments before its flags (the fixture passes only flags)."""
-    launcher = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    command = [launcher, "--nproc_per_node=2", "--master_port=29536", script, *positional]
-    command += [item for name, value in flags.items() for item in (f"--{name}", value) if item]
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_the_users_command_runs_at_eight_ranks_with_the_default_batches(tiny_models, tmp_path, torchrun):
