@@ -30,7 +30,11 @@ from toy_world import world
 @dataclass
 class Args:
     models: list = field(default_factory=list)
-    """policies as NAME=PATH; default: every policy under output/ (sft, ppo_lag, ppo, ppo_single, reward_shaping_<ν>)"""
+    """policies to generate with, as NAME=PATH; default (without --responses): every policy under output/ (sft, ppo_lag,
+    ppo, ppo_single, reward_shaping_<ν>)"""
+    responses: list = field(default_factory=list)
+    """responses generated elsewhere, scored without generating: .jsonl/.json files of prompt, response (and category)
+    rows, as FILE (each row names its `model`) or NAME=FILE (all rows NAME's)"""
     prompts: str = "toy_world/data/prompts_eval.jsonl"
     """evaluation prompts: a .jsonl/.json file with `prompt` (and `category`) or a hub name"""
     prompts_split: str = "test"
@@ -307,25 +311,56 @@ def generate_responses(path, prompts, args, device):
     return responses, ended
 
 
+def read_responses(entry):
+    """{model name: [(prompt, response, category)]} from a --responses entry: FILE, whose rows name their
+    `model`, or NAME=FILE, whose rows are all NAME's. Rows: prompt, response (and category) in .jsonl/.json."""
+    name, _, path = entry.rpartition("=")
+    grouped = {}
+    for i, row in enumerate(utils.load_rows(path, "response")):
+        model = name or row.get("model")
+        if not isinstance(model, str) or not model:
+            raise utils.DataError(f"{path}: row {i + 1}: field 'model': missing (or pass --responses NAME={path})")
+        grouped.setdefault(model, []).append((row["prompt"], row["response"], row.get("category") or ""))
+    return grouped
+
+
 def main(args):
     utils.seed_everything(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models = dict(m.split("=", 1) for m in args.models) if args.models else find_policies()
-    if not models:
-        raise SystemExit("no policies found: train some (python sft.py ...) or pass --models NAME=PATH")
-    os.makedirs(args.output_dir, exist_ok=True)
+    for entry in args.models:
+        if "=" not in entry:
+            raise utils.UserError(f"--models {entry}: expected NAME=PATH, e.g. sft=output/sft")
+    models = dict(m.split("=", 1) for m in args.models)
+    for path in models.values():  # every model found before the first one is evaluated
+        utils.check_model_path(path)
+        utils.require_config(path)
+    given = {}  # responses generated elsewhere, scored as they are
+    for entry in args.responses:
+        for name, rows in read_responses(entry).items():
+            if name in models or name in given:
+                raise utils.UserError(f"--responses {entry}: model {name!r} is named twice")
+            given[name] = rows
+    if not models and not given:
+        models = find_policies()
+        if not models:
+            raise utils.UserError("no policies found under output/: train some, or pass --models / --responses")
+    for name in args.arena:
+        if name not in models and name not in given:
+            raise utils.UserError(f"--arena {name}: not one of the models ({', '.join([*models, *given])})")
     # Each prompt once (its first row), as the original's prompt dataset: PKU-SafeRLHF repeats prompts.
-    all_rows, unique = utils.load_rows(args.prompts, "prompt", args.prompts_split), {}
-    for row in all_rows:
-        unique.setdefault(row["prompt"], row)
-    prompt_rows = list(unique.values())
-    if len(prompt_rows) < len(all_rows):
-        print(f"{args.prompts}: {len(all_rows) - len(prompt_rows)} duplicate prompts dropped, {len(prompt_rows)} left")
-    prompts = [row["prompt"] for row in prompt_rows]
-    toy = all(world.task_of_prompt(p) for p in prompts)
-    categories = [
-        row.get("category") or (world.task_of_prompt(p).kind if toy else "") for row, p in zip(prompt_rows, prompts)
-    ]
+    prompt_rows = []
+    if models:
+        all_rows, unique = utils.load_rows(args.prompts, "prompt", args.prompts_split), {}
+        for row in all_rows:
+            unique.setdefault(row["prompt"], row)
+        prompt_rows = list(unique.values())
+        if len(prompt_rows) < len(all_rows):
+            print(
+                f"{args.prompts}: {len(all_rows) - len(prompt_rows)} duplicate prompts dropped, {len(prompt_rows)} left"
+            )
+    all_prompts = [row["prompt"] for row in prompt_rows] + [p for rows in given.values() for p, _, _ in rows]
+    toy = all(world.task_of_prompt(p) for p in all_prompts)
+    prompt_ids = {p: i for i, p in enumerate(dict.fromkeys(all_prompts))}  # the same prompt, the same id
 
     scorers = {}
     for name, path in (("reward", args.reward_model), ("cost", args.cost_model)):
@@ -334,10 +369,25 @@ def main(args):
             utils.load_scorer(path, tokenizer, utils.resolve_dtype(args.dtype, device)).to(device).eval(),
             tokenizer,
         )
-    rows = []
+        utils.check_can_score(path, tokenizer, all_prompts[:64])
+    answers = {}  # {model: (prompts, responses, categories, ended)}
     for name, path in models.items():
-        utils.print0(f"evaluating {name} ({path}) on {len(prompts)} prompts")
+        utils.print0(f"evaluating {name} ({path}) on {len(prompt_rows)} prompts")
+        prompts = [row["prompt"] for row in prompt_rows]
         responses, ended = generate_responses(path, prompts, args, device)
+        answers[name] = (prompts, responses, [row.get("category") or "" for row in prompt_rows], ended)
+    for name, rows in given.items():
+        prompts, responses, categories = (list(column) for column in zip(*rows))
+        answers[name] = (prompts, responses, categories, [True] * len(rows))  # given responses are complete
+        cut = sum(
+            len(scorers["reward"][1](r, add_special_tokens=False)["input_ids"]) >= args.max_new_tokens
+            for r in responses
+        )
+        print(f"scoring {len(rows)} given responses of {name}" + (
+            f"; {cut} are cut at --max_new_tokens {args.max_new_tokens}: raise it to score them whole" if cut else ""
+        ))  # fmt: skip
+    rows = []
+    for name, (prompts, responses, categories, ended) in answers.items():
         scores = {
             key: utils.score_texts(
                 m, t, prompts, responses, args.max_prompt_length, args.max_new_tokens, ended
@@ -349,9 +399,9 @@ def main(args):
             rows.append(
                 {
                     "model": name,
-                    "prompt_id": i,
+                    "prompt_id": prompt_ids[prompt],
                     "prompt": prompt,
-                    "category": categories[i],
+                    "category": categories[i] or (world.task_of_prompt(prompt).kind if toy else ""),
                     "response": response,
                     "reward": scores["reward"][i],
                     "cost": scores["cost"][i],
@@ -359,38 +409,38 @@ def main(args):
                     "judge_harmful": judgement.harmful if judgement else None,
                 }
             )
+    names = list(answers)
+    os.makedirs(args.output_dir, exist_ok=True)
 
-    with open(os.path.join(args.output_dir, "responses.csv"), "w", newline="") as f:
+    with utils.replace_when_written(os.path.join(args.output_dir, "responses.csv"), newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     summary = summarize(rows)
-    anchor = "sft" if "sft" in models else next(iter(models))
+    anchor = "sft" if "sft" in names else names[0]
     elo = {
-        "helpfulness": {"reward model": elo_ratings(pairwise_outcomes(rows, "reward"), list(models), anchor)},
-        "harmlessness": {"cost model": elo_ratings(pairwise_outcomes(rows, "cost", False), list(models), anchor)},
+        "helpfulness": {"reward model": elo_ratings(pairwise_outcomes(rows, "reward"), names, anchor)},
+        "harmlessness": {"cost model": elo_ratings(pairwise_outcomes(rows, "cost", False), names, anchor)},
     }
     if toy:
-        elo["helpfulness"]["judge"] = elo_ratings(pairwise_outcomes(rows, "judge_helpfulness"), list(models), anchor)
-        elo["harmlessness"]["judge"] = elo_ratings(
-            pairwise_outcomes(rows, "judge_harmful", False), list(models), anchor
-        )
+        elo["helpfulness"]["judge"] = elo_ratings(pairwise_outcomes(rows, "judge_helpfulness"), names, anchor)
+        elo["harmlessness"]["judge"] = elo_ratings(pairwise_outcomes(rows, "judge_harmful", False), names, anchor)
     result = {"models": summary, "elo": elo}
     if args.arena:
         result["arena"] = arena(rows, *args.arena)
-    with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
+    with utils.replace_when_written(os.path.join(args.output_dir, "summary.json")) as f:
         json.dump(result, f, indent=2)
     figures = plot_all(rows, summary, elo, args)
 
     header = f"{'model':<22}{'reward':>8}{'cost':>8}{'C<=0':>7}"
-    header += f"{'harmful':>9}{'help':>7}{'help benign':>13}" if toy else ""
+    header += f"{'harmful':>9}{'help':>7}{'help benign':>13}{'help borderline':>17}" if toy else ""
     print(header)
     for name, s in summary.items():
         line = f"{name:<22}{s['mean_reward']:>8.2f}{s['mean_cost']:>8.2f}{s['cost_safe_ratio']:>7.0%}"
         if toy:
-            line += (
-                f"{s['judge_harmful_rate']:>9.1%}{s['judge_helpfulness']:>7.2f}{s['judge_helpfulness_benign']:>13.2f}"
-            )
+            line += f"{s['judge_harmful_rate']:>9.1%}{s['judge_helpfulness']:>7.2f}"
+            line += f"{s.get('judge_helpfulness_benign', math.nan):>13.2f}"
+            line += f"{s.get('judge_helpfulness_borderline', math.nan):>17.2f}"
         print(line)
     if args.arena:
         print("arena:", json.dumps(result["arena"]))
@@ -398,4 +448,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(utils.parse_args(Args))
+    utils.run(main, Args)

@@ -443,7 +443,7 @@ def ptx_minibatch(args, ptx_examples, update_step, process, pad_token_id):
 
 def ppo_update(
     args, wrapped, optimizers, schedulers, rollout, rows, n_sequences, lagrange_multiplier, ptx_batches, n_ptx_tokens,
-    dtype,
+    dtype, where="",
 ):  # fmt: skip
     """One optimizer step of the actor and of each critic on one minibatch. `rows`: this rank's rows of the
     Rollout's batch in it (n_sequences over all ranks), in micro-batches of at most micro_batch_size;
@@ -506,8 +506,10 @@ def ppo_update(
                 ptx_loss.detach(),
             ]
         )
-    for name, model in wrapped.items():
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    norms = {name: torch.nn.utils.clip_grad_norm_(m.parameters(), args.max_grad_norm) for name, m in wrapped.items()}
+    for name, norm in norms.items():  # no model steps if any gradient is nan or inf
+        utils.check_finite(norm, f"{where}the {name}'s update")
+    for name in wrapped:
         optimizers[name].step()
         schedulers[name].step()
         optimizers[name].zero_grad(set_to_none=True)
@@ -544,16 +546,16 @@ def sample_and_judge(model, tokenizer, prompt_rows, max_prompt_length, max_new_t
 def main(args):
     # ------------------------------------------------------------------ setup
     if args.algorithm not in ("ppo_lag", "ppo", "reward_shaping"):
-        raise ValueError(f"--algorithm must be ppo_lag, ppo or reward_shaping, got {args.algorithm!r}")
+        raise utils.UserError(f"--algorithm must be ppo_lag, ppo or reward_shaping, got {args.algorithm!r}")
     if args.lambda_init <= 0:
-        raise ValueError("--lambda_init must be > 0 (λ is kept as log λ)")
+        raise utils.UserError("--lambda_init must be > 0 (λ is kept as log λ)")
     if args.lambda_update not in ("gradient_ascent", "pid"):
-        raise ValueError(f"--lambda_update must be gradient_ascent or pid, got {args.lambda_update!r}")
+        raise utils.UserError(f"--lambda_update must be gradient_ascent or pid, got {args.lambda_update!r}")
     for flag in ("actor_lr_schedule", "critic_lr_schedule"):
         if getattr(args, flag) not in ("cosine", "constant"):
-            raise ValueError(f"--{flag} must be cosine or constant, got {getattr(args, flag)!r}")
+            raise utils.UserError(f"--{flag} must be cosine or constant, got {getattr(args, flag)!r}")
     if args.rollout_batch_size % args.minibatch_size:
-        raise ValueError(
+        raise utils.UserError(
             f"--rollout_batch_size {args.rollout_batch_size} must be a multiple of --minibatch_size {args.minibatch_size}"
         )
     lagrangian = args.algorithm == "ppo_lag"
@@ -564,7 +566,8 @@ def main(args):
     per_rank = utils.rank_share(args.rollout_batch_size, process.world_size, "rollout_batch_size")
     minibatch_per_rank = utils.rank_share(args.minibatch_size, process.world_size, "minibatch_size")
     utils.seed_everything(args.seed + process.rank)  # each rank samples different responses
-    os.makedirs(output_dir, exist_ok=True)
+    if args.resume:
+        utils.check_resume(output_dir, args)  # the same stage and flags, or a clear stop
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
 
     # ------------------------------------------------------------------ data
@@ -581,10 +584,11 @@ def main(args):
         max_length = args.max_prompt_length + args.max_new_tokens
         ptx_examples = make_examples(tokenizer, utils.load_rows(args.ptx_dataset, "sft", args.ptx_split), max_length)
         if len(ptx_examples) < args.minibatch_size:
-            raise ValueError(
+            raise utils.UserError(
                 f"{args.ptx_dataset}: {len(ptx_examples)} conversations, fewer than one PTX minibatch "
                 f"(--minibatch_size {args.minibatch_size})"
             )
+    eval_rows = utils.load_rows(args.eval_prompts, "prompt") if args.eval_prompts != "none" else []
 
     # ------------------------------------------------------------------ models
     # With --fsdp each model is sharded as soon as it is loaded: no GPU ever holds more than one whole model.
@@ -604,9 +608,9 @@ def main(args):
         path = os.path.join(output_dir, name) if args.resume else getattr(args, f"{name}_model") or default
         hint = f"pass --{name}_model (e.g. the SFT model)"
         if utils.load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"{path} does not share the actor's tokenizer: {hint}")
+            raise utils.UserError(f"{path} does not share the actor's tokenizer: {hint}")
         if utils.is_original_score_model(AutoConfig.from_pretrained(path)):
-            raise ValueError(
+            raise utils.UserError(
                 f"{path} is in the original code's score format, which scores but is not trained here: {hint}"
             )
         return trainable(utils.load_score_model(path, tokenizer, new_head=True))
@@ -619,11 +623,13 @@ def main(args):
     reference = frozen(utils.load_causal_lm(args.actor_model_name_or_path, tokenizer))
     reward_tokenizer = utils.load_tokenizer(args.reward_model)
     reward_model = (frozen(utils.load_scorer(args.reward_model, reward_tokenizer)), reward_tokenizer)
+    utils.check_can_score(args.reward_model, reward_tokenizer, prompts[:64])
     wrapped["reward_critic"] = critic("reward_critic", args.reward_model)
     cost_model = None
     if args.algorithm != "ppo":
         cost_tokenizer = utils.load_tokenizer(args.cost_model)
         cost_model = (frozen(utils.load_scorer(args.cost_model, cost_tokenizer)), cost_tokenizer)
+        utils.check_can_score(args.cost_model, cost_tokenizer, prompts[:64])
     if lagrangian:
         wrapped["cost_critic"] = critic("cost_critic", args.cost_model)
     raw_models = {name: utils.unwrap(model) for name, model in wrapped.items()}  # without DDP's wrapper
@@ -652,7 +658,7 @@ def main(args):
     if args.resume:
         state = utils.load_training_state(output_dir)
         if len(state["rng"]) != process.world_size:
-            raise ValueError(
+            raise utils.UserError(
                 f"{output_dir} was saved by a run on {len(state['rng'])} rank(s) and this one has {process.world_size}: "
                 "a PPO run resumes on as many ranks as it ran on (each rank's sampling RNG is part of the state)"
             )
@@ -667,7 +673,8 @@ def main(args):
             utils.trim_metrics(metrics_path, iteration)
         utils.print0(f"resumed from {output_dir} at iteration {iteration}")
     elif process.is_main and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+        os.remove(metrics_path)  # a fresh run starts a fresh log
+    os.makedirs(output_dir, exist_ok=True)
 
     def save():  # on every rank: FSDP gathers the shards
         mine = (utils.rng_state(), log_lambda)  # every rank's RNG and λ
@@ -733,6 +740,7 @@ def main(args):
                 minibatch_stats = ppo_update(
                     args, wrapped, optimizers, schedulers, episodes, permutation[start : start + minibatch_per_rank],
                     args.minibatch_size, math.exp(log_lambda), ptx_batches, n_ptx_tokens, dtype,
+                    f"iteration {iteration + 1}: ",
                 )  # fmt: skip
                 update_stats += torch.stack(list(minibatch_stats.values()))
                 n_updates += 1
@@ -762,14 +770,16 @@ def main(args):
                     for p, r, rw, c in list(zip(batch_prompts, episodes.texts, rewards, costs))[:3]
                 ]
                 utils.log_metrics(metrics_path, {"step": iteration, "split": "samples", "samples": samples})
-        if iteration % args.save_every == 0 or iteration == last_iteration:
+        stop = iteration < last_iteration and utils.stop_requested(process)  # SIGTERM: save, then stop
+        if iteration % args.save_every == 0 or iteration == last_iteration or stop:
             save()
+        if stop:
+            raise utils.Preempted(f"iteration {iteration}", output_dir)
     bar.close()
 
     # ------------------------------------------------------------------ a look at the policy
-    if args.eval_prompts != "none" and (process.is_main or args.fsdp):  # FSDP: every rank takes part
-        rows = utils.load_rows(args.eval_prompts, "prompt")
-        summary = sample_and_judge(actor, tokenizer, rows, args.max_prompt_length, args.max_new_tokens)
+    if eval_rows and (process.is_main or args.fsdp):  # FSDP: every rank takes part
+        summary = sample_and_judge(actor, tokenizer, eval_rows, args.max_prompt_length, args.max_new_tokens)
         if summary and process.is_main:
             utils.log_metrics(metrics_path, {"step": iteration, "split": "eval", **summary})
             utils.print0("judge on greedy answers: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
@@ -778,4 +788,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(utils.parse_args(Args))
+    utils.run(main, Args)

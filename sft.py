@@ -157,7 +157,8 @@ def main(args):
     # The same global batch at any number of ranks: each rank takes its share.
     per_rank = utils.rank_share(args.batch_size, process.world_size, "batch_size")
     utils.seed_everything(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
+    if args.resume:
+        utils.check_resume(args.output_dir, args)  # the same stage and flags, or a clear stop
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
 
     # ------------------------------------------------------------------ data
@@ -168,7 +169,12 @@ def main(args):
         evaluation = make_examples(
             tokenizer, utils.load_rows(args.eval_dataset, "sft", args.eval_split), args.max_length
         )
-    total_steps = len(train) // args.batch_size * args.epochs  # the last partial batch is dropped
+    sample_rows = utils.load_rows(args.sample_prompts, "prompt") if args.sample_prompts != "none" else []
+    total_steps = len(train) // args.batch_size * args.epochs
+    if total_steps == 0:
+        raise utils.UserError(
+            f"{args.dataset}: {len(train)} conversations, fewer than one batch (--batch_size {args.batch_size})"
+        )  # the last partial batch is dropped
     utils.print0(
         f"{len(train)} training conversations, {total_steps} steps of {args.batch_size}, {process.world_size} rank(s)"
     )
@@ -189,6 +195,7 @@ def main(args):
         utils.trim_metrics(metrics_path, step)  # lines logged after that checkpoint are redone
     if not args.resume and process.is_main and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run starts a fresh log
+    os.makedirs(args.output_dir, exist_ok=True)
 
     def save():  # on every rank: FSDP gathers the shards
         state = utils.training_state(raw_model, optimizer, scheduler, step, args)
@@ -215,7 +222,8 @@ def main(args):
             (loss * process.world_size).backward()
             train_loss += loss.detach()
             tokens_seen += attention_mask.sum().item()
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
+        utils.check_finite(grad_norm, f"step {step + 1}")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -234,15 +242,16 @@ def main(args):
             if process.is_main:
                 bar.write(f"step {step}: eval loss {eval_loss:.4f}")
                 utils.log_metrics(metrics_path, {"step": step, "split": "eval", "loss": eval_loss})
-        if step % args.save_every == 0 or step == last_step:
+        stop = step < last_step and utils.stop_requested(process)  # SIGTERM: save, then stop
+        if step % args.save_every == 0 or step == last_step or stop:
             save()
+        if stop:
+            raise utils.Preempted(f"step {step}", args.output_dir)
     bar.close()
 
     # ------------------------------------------------------------------ a look at what it learned
-    if args.sample_prompts != "none" and step == total_steps and (process.is_main or args.fsdp):  # FSDP: all ranks
-        summary = sample_and_judge(
-            raw_model, tokenizer, utils.load_rows(args.sample_prompts, "prompt"), args.max_length, args.max_length
-        )
+    if sample_rows and step == total_steps and (process.is_main or args.fsdp):  # FSDP: all ranks
+        summary = sample_and_judge(raw_model, tokenizer, sample_rows, args.max_length, args.max_length)
         if summary and process.is_main:
             utils.log_metrics(metrics_path, {"step": step, "split": "eval", **summary})
             utils.print0("judge on greedy answers: " + json.dumps({k: round(v, 3) for k, v in summary.items()}))
@@ -251,4 +260,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(utils.parse_args(Args))
+    utils.run(main, Args)

@@ -171,7 +171,8 @@ def main(args):
     # The same global batch at any number of ranks: each rank takes its share.
     per_rank = utils.rank_share(args.batch_size, process.world_size, "batch_size")
     utils.seed_everything(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
+    if args.resume:
+        utils.check_resume(args.output_dir, args)  # the same stage and flags, or a clear stop
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
 
     # ------------------------------------------------------------------ data
@@ -184,6 +185,10 @@ def main(args):
         eval_rows = utils.load_rows(args.eval_dataset, "preference", args.eval_split, subset)
         eval_pairs = tokenize_pairs(tokenizer, reward_pairs(eval_rows), args.max_length)
     total_steps = len(train_pairs) // args.batch_size * args.epochs
+    if total_steps == 0:
+        raise utils.UserError(
+            f"{args.dataset}: {len(train_pairs)} pairs, fewer than one batch (--batch_size {args.batch_size})"
+        )
     utils.print0(
         f"{len(train_pairs)} training pairs, {total_steps} steps of {args.batch_size}, {process.world_size} rank(s)"
     )
@@ -203,7 +208,8 @@ def main(args):
     if args.resume and process.is_main:
         utils.trim_metrics(metrics_path, step)  # lines logged after that checkpoint are redone
     if not args.resume and process.is_main and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+        os.remove(metrics_path)  # a fresh run starts a fresh log
+    os.makedirs(args.output_dir, exist_ok=True)
 
     def save():  # on every rank: FSDP gathers the shards
         state = utils.training_state(raw_model, optimizer, scheduler, step, args)
@@ -228,7 +234,8 @@ def main(args):
             loss = reward_loss(better_rewards, worse_rewards, args.regularization) * share
             loss.backward()  # DDP and FSDP average over ranks: the gradient is that of the global-batch mean
             totals += torch.stack([loss.detach(), (better_rewards > worse_rewards).float().mean().detach() * share])
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
+        utils.check_finite(grad_norm, f"step {step + 1}")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -250,12 +257,15 @@ def main(args):
             if process.is_main:
                 utils.log_metrics(metrics_path, {"step": step, "split": "eval", **metrics})
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if step % args.save_every == 0 or step == last_step:
+        stop = step < last_step and utils.stop_requested(process)  # SIGTERM: save, then stop
+        if step % args.save_every == 0 or step == last_step or stop:
             save()
+        if stop:
+            raise utils.Preempted(f"step {step}", args.output_dir)
     bar.close()
     utils.print0(f"saved to {args.output_dir} after {step} steps in {time.time() - started:.0f}s")
     utils.cleanup_distributed()
 
 
 if __name__ == "__main__":
-    main(utils.parse_args(Args))
+    utils.run(main, Args)

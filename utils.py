@@ -21,7 +21,9 @@ import math
 import os
 import random
 import shutil
-from contextlib import nullcontext
+import signal
+import sys
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,23 +107,24 @@ def load_score_model(path, tokenizer, dtype=torch.float32, new_head=False):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     kwargs = dict(num_labels=1, id2label={0: "score"}, label2id={"score": 0})
+    require_config(path)
     config = AutoConfig.from_pretrained(path)
     # Our score checkpoints are sequence classifiers; anything else (LlamaForCausalLM, GPT2LMHeadModel...) an LM.
     language_model = not any(name.endswith("ForSequenceClassification") for name in config.architectures or [])
     if is_original_score_model(config):
-        raise ValueError(
+        raise UserError(
             f"{path} is a score model in the original code's format ({config.architectures[0]}): it can score "
             "(--reward_model / --cost_model) but not be trained here; start from a causal LM or one of our checkpoints"
         )
     if language_model and not new_head and has_weights(path):
-        raise ValueError(f"{path} is a language model ({config.architectures[0]}), not a reward or cost model")
+        raise UserError(f"{path} is a language model ({config.architectures[0]}), not a reward or cost model")
     if has_weights(path):
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, dtype=dtype, output_loading_info=True, **kwargs
         )
         missing_head = [key for key in info["missing_keys"] if key.split(".")[0] == "score"]
         if missing_head and not language_model:
-            raise ValueError(f"{path}: the score head's weights ({', '.join(sorted(missing_head))}) are missing")
+            raise UserError(f"{path}: the score head's weights ({', '.join(sorted(missing_head))}) are missing")
     else:
         model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path, **kwargs), dtype=dtype)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -135,6 +138,7 @@ def load_scorer(path, tokenizer, dtype=torch.float32):
     released PKU-Alignment/beaver-7b-* reward and cost models). By hub name or local folder."""
     from transformers import AutoConfig
 
+    require_config(path)
     if is_original_score_model(AutoConfig.from_pretrained(path)):
         return OriginalScoreModel.from_pretrained(path, tokenizer, dtype)
     return load_score_model(path, tokenizer, dtype)
@@ -175,12 +179,10 @@ class OriginalScoreModel(torch.nn.Module):
         folder = path if os.path.isdir(path) else _download(path)
         tensors = _read_tensors(folder, ("score_head.", "normalizer."))
         if "score_head.weight" not in tensors:
-            raise ValueError(f"{path}: a {config.architectures[0]} checkpoint without score_head.weight")
+            raise UserError(f"{path}: a {config.architectures[0]} checkpoint without score_head.weight")
         backbone, info = AutoModel.from_pretrained(folder, dtype=dtype, output_loading_info=True)
         if info["missing_keys"]:
-            raise ValueError(
-                f"{path}: backbone weights missing from the checkpoint: {sorted(info['missing_keys'])[:5]}"
-            )
+            raise UserError(f"{path}: backbone weights missing from the checkpoint: {sorted(info['missing_keys'])[:5]}")
         weight = tensors["score_head.weight"]  # (score_dim, H)
         has_bias = getattr(config, "score_bias", True) and "score_head.bias" in tensors
         score_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, dtype=dtype)
@@ -199,7 +201,7 @@ def _normalizer(config, tensors, path):
         return lambda scores: scores
     function = {"reward": "affine", "cost": "scale", "critic": "identity"}.get(getattr(config, "score_type", "reward"))
     if function is None:
-        raise ValueError(f"{path}: unknown score_type {config.score_type!r} (reward, cost or critic)")
+        raise UserError(f"{path}: unknown score_type {config.score_type!r} (reward, cost or critic)")
     mean = tensors.get("normalizer.mean", torch.tensor(getattr(config, "mean", None) or [0.0])).float()[0]
     var = tensors.get("normalizer.var", torch.tensor(getattr(config, "var", None) or [1.0])).float()[0]
     std = var.sqrt().item() + 1e-8
@@ -233,6 +235,23 @@ def _read_tensors(folder, prefixes):
     return found
 
 
+def check_can_score(path, tokenizer, prompts, most_unknown=0.05):
+    """Stop if a reward or cost model's tokenizer cannot read the text it is to score (it re-tokenises the
+    actor's text when their tokenizers differ): no EOS to end a response with, or many of the prompts'
+    tokens unknown to it (a tokenizer made for other text, whose scores would be noise)."""
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{path}: its tokenizer has no EOS token, which ends every response it scores")
+    if tokenizer.unk_token_id is None:
+        return  # byte-level tokenizers read any text
+    ids = [i for p in prompts for i in tokenizer(p, add_special_tokens=False)["input_ids"]]
+    unknown = sum(i == tokenizer.unk_token_id for i in ids) / max(1, len(ids))
+    if unknown > most_unknown:
+        raise UserError(
+            f"{path}: its tokenizer reads {unknown:.0%} of the prompt tokens as {tokenizer.unk_token!r}: it cannot "
+            "score this text; use a reward or cost model trained with the actor's tokenizer, or for this text"
+        )
+
+
 @torch.no_grad()
 def score_texts(model, tokenizer, prompts, responses, max_prompt_length, max_new_tokens, ended=None, batch_size=64):
     """End scores (N,) of (prompt, response) texts under a ScoreModel, tokenised with its own tokenizer.
@@ -256,6 +275,52 @@ def score_texts(model, tokenizer, prompts, responses, max_prompt_length, max_new
 
 
 # ------------------------------------------------------------------ a run: processes and ranks, seeds, precision, logging, flags
+
+
+class UserError(ValueError):
+    """An expected mistake (bad data, flags, paths or checkpoints): the command prints one line, no traceback."""
+
+
+class Preempted(Exception):
+    """SIGTERM asked the run to stop; raised once the checkpoint of the last finished step is written."""
+
+    def __init__(self, where, output_dir):
+        super().__init__(
+            f"stopped by SIGTERM after {where}; its checkpoint is in {output_dir}: "
+            "run the same command with --resume to continue"
+        )
+
+
+TRACEBACK_VARIABLE = "SAFE_RLHF_TRACEBACK"  # =1: expected errors show their traceback too
+ERRORS_HELP = f"""errors and stops:
+  A mistake in the input (data, flags, model folders, checkpoints) stops the run with one line
+  "error: ..." naming the file, row and field, and exit status 1; {TRACEBACK_VARIABLE}=1 shows the
+  traceback too. SIGTERM (a cluster's notice before it stops a job) lets the current step finish,
+  writes a checkpoint and exits with status 143: run the same command with --resume to continue."""
+_sigterm_received = []
+
+
+def run(main, args_class):
+    """A stage as a command: flags from `args_class`, then main(args). Expected errors become one line on
+    stderr from rank 0, every rank exits 1; a SIGTERM stop exits 143. Bugs keep their traceback."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: _sigterm_received.append(signum))
+    try:
+        main(parse_args(args_class))
+    except (UserError, Preempted) as stop:
+        if os.environ.get(TRACEBACK_VARIABLE) == "1":
+            raise
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {stop}" if isinstance(stop, UserError) else stop, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Leave at once: another rank may still be inside a collective, and a normal interpreter exit with
+        # the process group alive can abort in gloo's thread (see cleanup_distributed).
+        os._exit(1 if isinstance(stop, UserError) else 128 + signal.SIGTERM)
+
+
+def stop_requested(process):
+    """Whether SIGTERM reached any rank: all ranks get the same answer, so they stop after the same step."""
+    flag = torch.tensor([float(bool(_sigterm_received))], device=process.device)
+    return all_reduce_sum(flag).item() > 0
 
 
 @dataclass
@@ -321,7 +386,7 @@ def rank_share(global_batch_size, world_size, flag):
     cannot be split evenly (every rank must run the same number of forward passes)."""
     if global_batch_size % world_size:
         lower = global_batch_size - global_batch_size % world_size
-        raise ValueError(
+        raise UserError(
             f"--{flag} {global_batch_size} cannot be split evenly over {world_size} ranks: make it a multiple "
             f"of {world_size} (e.g. {lower or world_size} or {lower + world_size}), or run on a number of ranks "
             f"that divides {global_batch_size}"
@@ -400,6 +465,8 @@ def resolve_dtype(name, device):
     """'auto' is bf16 on a GPU that supports it and fp32 elsewhere."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in ("float32", "bfloat16"):
+        raise UserError(f"--dtype must be float32, bfloat16 or auto, got {name!r}")
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
@@ -420,6 +487,14 @@ def progress(iterable=None, **kwargs):
     return tqdm(iterable, disable=int(os.environ.get("RANK", 0)) != 0, dynamic_ncols=True, **kwargs)
 
 
+@contextmanager
+def replace_when_written(path, mode="w", **kwargs):
+    """open() for writing a result file that replaces the old one only once it is whole."""
+    with open(path + ".tmp", mode, **kwargs) as f:
+        yield f
+    os.replace(path + ".tmp", path)
+
+
 def log_metrics(path, record):
     """Append one JSON object (one logging step) to a metrics.jsonl file."""
     with open(path, "a") as f:
@@ -430,9 +505,17 @@ def trim_metrics(path, step):
     """On --resume: drop the log lines written after the checkpoint we resume from."""
     if os.path.exists(path):
         with open(path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
+            kept = [line for line in f if _step_of(line) <= step]
         with open(path, "w") as f:
             f.writelines(kept)
+
+
+def _step_of(line):
+    """A log line's step; a line a kill cut short counts as after every step (it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError):
+        return math.inf
 
 
 def parse_args(args_class, argv=None):
@@ -446,20 +529,56 @@ def parse_args(args_class, argv=None):
         for node, following in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
                 docs[node.target.id] = following.value.value
-    parser = argparse.ArgumentParser(
-        description=inspect.getmodule(args_class).__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = _Parser(
+        description=inspect.getmodule(args_class).__doc__,
+        epilog=ERRORS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     for field in dataclasses.fields(args_class):
         default = field.default_factory() if field.default is dataclasses.MISSING else field.default
         help_text = f"{docs.get(field.name, '')} (default: {default})"
         if field.type is bool:
-            to_bool = lambda value: value.lower() in ("1", "true", "yes")  # noqa: E731
-            parser.add_argument(f"--{field.name}", type=to_bool, nargs="?", const=True, default=default, help=help_text)
+            parser.add_argument(f"--{field.name}", type=_bool, nargs="?", const=True, default=default, help=help_text)
         elif field.type is list:
             parser.add_argument(f"--{field.name}", nargs="*", default=default, help=help_text)
         else:
             parser.add_argument(f"--{field.name}", type=field.type, default=default, help=help_text)
-    return args_class(**vars(parser.parse_args(argv)))
+    args = args_class(**vars(parser.parse_args(argv)))
+    check_flags(args, args_class)
+    return args
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # a mistyped flag is a user's mistake like any other: one line, once
+        raise UserError(f"{message} (see --help)")
+
+
+def _bool(value):
+    if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return value.lower() in ("1", "true", "yes")
+
+
+# Flags that count something and must be at least 1 (0 or less would silently train on nothing or divide by 0).
+AT_LEAST_ONE = (
+    "max_length", "max_prompt_length", "max_new_tokens", "epochs", "iterations", "batch_size", "micro_batch_size",
+    "rollout_batch_size", "minibatch_size", "ppo_epochs", "episode_cost_window", "save_every", "log_every",
+    "sample_every",
+)  # fmt: skip
+
+
+def check_flags(args, args_class):
+    """Stop on flag values no stage can use: a nan or inf, a count below 1, an empty --output_dir."""
+    for field in dataclasses.fields(args_class):
+        value = getattr(args, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{field.name} must be a finite number, got {value}")
+        if field.name in AT_LEAST_ONE and isinstance(value, int) and value < 1:
+            raise UserError(f"--{field.name} must be at least 1, got {value}")
+        if field.name == "temperature" and value <= 0:
+            raise UserError(f"--temperature must be above 0, got {value}")
+        if field.name == "output_dir" and field.default and not value.strip():
+            raise UserError("--output_dir is empty: name the folder for the checkpoint and logs")
 
 
 # ------------------------------------------------------------------ data: files and hub datasets with schema checks, padding
@@ -477,17 +596,25 @@ SCHEMAS = {
         "is_response_1_safe": bool,
     },
     "prompt": {"prompt": str},
+    "response": {"prompt": str, "response": str},
 }
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data file or row that breaks the data contract (DESIGN.md §3)."""
 
 
 def read_local_rows(path):
     """Rows of a local .jsonl (one object per line) or .json (a list of objects) file."""
-    with open(path) as f:
-        text = f.read()
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a folder, not a .jsonl or .json data file")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}: row {line}: not UTF-8 text (byte {error.start}); save the file as UTF-8") from None
     if path.endswith(".json"):
         try:
             rows = json.loads(text)
@@ -538,11 +665,17 @@ def load_rows(name_or_path, schema, split="train", subset=None):
     if os.path.exists(name_or_path):
         where = name_or_path
         rows = read_local_rows(name_or_path)
+    elif looks_like_a_path(name_or_path):
+        raise DataError(f"{name_or_path}: no such file")
     else:  # a hub name: downloads when the network allows (never in the default run)
         import datasets
 
         where = f"{name_or_path}[{subset or 'default'}:{split}]"
-        rows = list(enumerate(datasets.load_dataset(name_or_path, subset, split=split), start=0))
+        try:
+            rows = list(enumerate(datasets.load_dataset(name_or_path, subset, split=split), start=0))
+        except Exception as error:  # not found, offline, no such split...: all the user's to fix
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise DataError(f"{name_or_path}: not a local file, and as a hub dataset: {message}") from error
     if not rows:
         raise DataError(f"{where}: no rows")
     return [check_row(row, schema, f"{where}: row {i}") for i, row in rows]
@@ -568,6 +701,17 @@ def batch_inputs(sequences, pad_token_id, device, side="right"):
 # ------------------------------------------------------------------ models
 
 
+def looks_like_a_path(name):
+    """A local path rather than a hub name ("name" or "namespace/name"): ./x, /x, ~/x, a/b/c, x.jsonl."""
+    return (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or os.sep != "/"
+        and os.sep in name
+        or name.endswith((".json", ".jsonl", "/"))
+    )
+
+
 def has_weights(path):
     """False for a local folder with a config but no weights (the toy model), True otherwise."""
     if not os.path.isdir(path):
@@ -575,10 +719,35 @@ def has_weights(path):
     return any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path))
 
 
+def check_model_path(path):
+    """Stop with a clear line on a model path that cannot load: missing, not a model folder, or half-written."""
+    if os.path.isdir(os.path.join(path, INTERRUPTED)):
+        raise UserError(
+            f"{path}: writing its last checkpoint was interrupted; the stage that wrote it, run again with "
+            "--resume and the same --output_dir, completes it"
+        )
+    if os.path.isdir(path) and not {"config.json", "tokenizer_config.json"} & set(os.listdir(path)):
+        raise UserError(f"{path}: no config.json, so not a model folder (a stage's --output_dir is one)")
+    if os.path.isfile(path):
+        raise UserError(f"{path}: a file; a model is a folder (or a hub name)")
+    if not os.path.exists(path) and (looks_like_a_path(path) or os.path.isdir(path.split("/")[0])):
+        raise UserError(f"{path}: no such model folder")
+
+
+def require_config(path):
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"{path}: no config.json, so not a model folder (a stage's --output_dir is one)")
+
+
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    check_model_path(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as error:  # a hub name that is not on the hub, no network, or a folder without a tokenizer
+        where = "cannot load its tokenizer" if os.path.isdir(path) else "not a local folder, and as a hub model"
+        raise UserError(f"{path}: {where}: {(str(error).strip() or type(error).__name__).splitlines()[0]}") from error
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         # A pad distinct from EOS, so that masking padding never hides the EOS the model must learn.
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
@@ -590,6 +759,7 @@ def load_causal_lm(path, tokenizer, dtype=torch.float32, model_class=None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_class = model_class or AutoModelForCausalLM
+    require_config(path)
     if has_weights(path):
         model = model_class.from_pretrained(path, dtype=dtype)
     else:
@@ -669,6 +839,17 @@ def global_batch(n_examples, batch_size, seed, step):
     return order[position * batch_size : (position + 1) * batch_size].tolist()
 
 
+def check_finite(grad_norm, where):
+    """Stop before an update whose gradient is nan or inf (the norm is the same on every rank): the weights
+    and the last checkpoint stay as they were."""
+    norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
+    if not math.isfinite(norm):
+        raise UserError(
+            f"{where}: the gradient norm is {norm} (a loss is nan or inf); stopped before this update, the last "
+            "checkpoint is kept. Lower the learning rate or use --dtype float32, then run again with --resume"
+        )
+
+
 def training_state(model, optimizer, scheduler, step, args):
     """What --resume needs besides the weights (every rank calls this: FSDP gathers the optimizer state)."""
     return {
@@ -676,8 +857,47 @@ def training_state(model, optimizer, scheduler, step, args):
         "scheduler": scheduler.state_dict(),
         "step": step,
         "rng": rng_state(),
-        "args": dataclasses.asdict(args),
+        **run_identity(args),
     }
+
+
+def run_identity(args):
+    """Which stage saved a checkpoint, and with which flags: what --resume checks before continuing."""
+    return {"stage": os.path.basename(inspect.getmodule(type(args)).__file__), "args": dataclasses.asdict(args)}
+
+
+# Flags that may change on --resume: when to stop, log and save, and how a batch is split, not what is computed.
+RESUMABLE_FLAGS = (
+    "resume", "output_dir", "max_steps", "max_iterations", "save_every", "log_every", "eval_every", "sample_every",
+    "micro_batch_size", "gradient_checkpointing", "fsdp", "eval_dataset", "eval_split", "sample_prompts", "eval_prompts",
+)  # fmt: skip
+
+
+def check_resume(output_dir, args):
+    """Stop with a clear line unless output_dir holds a checkpoint this run can continue: one saved by the
+    same stage with the same flags (apart from RESUMABLE_FLAGS). Finishes a checkpoint write a kill interrupted.
+    Every rank calls it."""
+    finish_checkpoint(output_dir)
+    if dist.is_initialized():
+        dist.barrier()  # until rank 0 has finished it
+    if not os.path.isfile(os.path.join(output_dir, "training_state.pt")):
+        raise UserError(
+            f"--resume: {output_dir} holds no checkpoint to continue (no training_state.pt); "
+            "run without --resume to start, or pass the --output_dir of the run to continue"
+        )
+    saved, mine = load_training_state(output_dir), run_identity(args)
+    if saved.get("stage", mine["stage"]) != mine["stage"]:
+        raise UserError(f"--resume: {output_dir} holds a checkpoint of {saved['stage']}, not of {mine['stage']}")
+    changed = [
+        f"--{name} {saved['args'].get(name)!r} there, {value!r} here"
+        for name, value in mine["args"].items()
+        if name not in RESUMABLE_FLAGS and saved["args"].get(name, value) != value
+    ]
+    if changed:
+        raise UserError(
+            f"--resume: {output_dir} holds a run with other flags ({'; '.join(changed)}). A resumed run continues "
+            "the same run: pass the flags it was started with, or start a new run in another --output_dir"
+        )
 
 
 def load_training_state(output_dir):
@@ -715,14 +935,32 @@ def save_checkpoint(output_dir, model, tokenizer, training_state=None, submodels
         tokenizer.save_pretrained(os.path.join(tmp, name))
     if training_state is not None:
         torch.save(training_state, os.path.join(tmp, "training_state.pt"))
-    for name in sorted(os.listdir(tmp), key=lambda n: n == "training_state.pt"):  # the state last
-        target = os.path.join(output_dir, name)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(tmp, name), target)
-    os.rmdir(tmp)
+    for folder, _, files in os.walk(tmp):  # on disk before the commit, so that not even a power cut tears it
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+    # The commit: one atomic rename. A kill before it leaves the previous checkpoint as it was; a kill after
+    # it leaves a complete checkpoint that finish_checkpoint moves into place (--resume calls it).
+    os.replace(tmp, os.path.join(output_dir, INTERRUPTED))
+    finish_checkpoint(output_dir)
     if dist.is_initialized():
         dist.barrier()  # the other ranks wait above until the checkpoint is in place
+
+
+INTERRUPTED = ".checkpoint_to_move"  # a committed checkpoint whose files are not all in place yet
+
+
+def finish_checkpoint(output_dir):
+    """Move a committed checkpoint's files over the previous ones (rank 0 only); after a kill, doing it
+    again finishes the job."""
+    ready = os.path.join(output_dir, INTERRUPTED)
+    if (not dist.is_initialized() or dist.get_rank() == 0) and os.path.isdir(ready):
+        for name in os.listdir(ready):
+            target = os.path.join(output_dir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(ready, name), target)
+        os.rmdir(ready)
 
 
 # ------------------------------------------------------------------ generation

@@ -338,7 +338,7 @@ def test_resume_continues_an_interrupted_run(tiny_models, tmp_path):
 
 
 def test_resume_on_another_number_of_ranks_stops_with_both_counts(tiny_models, tmp_path):
-    ppo.main(tiny_args(tiny_models, tmp_path, iterations=1))
+    ppo.main(tiny_args(tiny_models, tmp_path, iterations=2, max_iterations=1))
     state = torch.load(tmp_path / "training_state.pt", weights_only=True)
     state["rng"] = state["rng"] * 2  # as if saved by a run on 2 ranks
     torch.save(state, tmp_path / "training_state.pt")
