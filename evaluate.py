@@ -3,12 +3,15 @@ r"""Stage 5: evaluate policies: generate, score with R and C, judge, compare, an
     python evaluate.py                                   # every policy under output/ on the toy eval prompts
     python evaluate.py --models sft=output/sft ppo_lag=output/ppo_lag
     python evaluate.py --arena ppo_lag sft               # also: the two head to head
+    python evaluate.py --responses answers.jsonl         # score responses generated elsewhere (rows: model, prompt,
+                                                         #   response), without generating
     python evaluate.py --models alpaca=output/sft_alpaca beaver=output/ppo_lag_pku \
         --prompts PKU-Alignment/PKU-SafeRLHF --prompts_split test --max_prompt_length 256 --max_new_tokens 256 \
         --reward_model PKU-Alignment/beaver-7b-unified-reward --cost_model PKU-Alignment/beaver-7b-unified-cost
 
 The reward and cost models are ours or the original code's (the released beaver-7b-* judges), by path or hub
-name. Writes to output/eval: responses.csv (one row per model x prompt), summary.json, and figures:
+name; README.md, "Evaluate your own models", says which lengths, template and score formats it expects. Writes to
+output/eval: responses.csv (one row per model x prompt), summary.json, and figures:
 reward_vs_cost.png (Fig. 4), safety_and_elo.png (Fig. 5), training_curves.png (λ, Ĵ_C, reward, KL
 of the PPO-Lag run), tradeoff.png (helpfulness vs harmlessness of every policy: Q2 and Q3).
 On toy-world prompts the toy world's judge rates every response, as GPT-4 and humans do in the paper.

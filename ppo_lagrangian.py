@@ -6,7 +6,7 @@ r"""Stage 4: PPO-Lagrangian, the heart of Safe RLHF (eqs. 7-10), with the PPO an
     python ppo_lagrangian.py --resume                                # continue an interrupted run
     torchrun --nproc_per_node=8 ppo_lagrangian.py                    # on 8 ranks, the same global batches
 
-The paper's 7B run on 8 GPUs, with the original hyperparameters: README.md, "Real models and data".
+The paper's 7B run on 8 GPUs, with the original hyperparameters: README.md, "Real models on GPUs".
 
 Safe RLHF solves   max_θ J_R(θ)  s.t.  J_C(θ) = E[C(y, x)] + d <= 0   through its Lagrangian dual
 min_θ max_{λ>=0} -J_R(θ) + λ J_C(θ): PPO updates of the policy alternate with gradient ascent on λ.
@@ -691,7 +691,7 @@ def main(args):
             "episode_costs": list(episode_costs),
             "rng": [rng for rng, _ in gathered],
             "log_lambda_per_rank": [value for _, value in gathered],  # identical: every rank sees the same window
-            "args": vars(args),
+            **utils.run_identity(args),  # the stage and its flags, which --resume checks
         }
         critics = {name: model.model for name, model in raw_models.items() if name != "actor"}
         utils.save_checkpoint(output_dir, actor, tokenizer, state, submodels=critics)

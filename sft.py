@@ -5,7 +5,7 @@ r"""Stage 1: supervised fine-tuning on conversations (the paper's Alpaca-7B star
     python sft.py --resume                            # continue an interrupted run in output/sft
     torchrun --nproc_per_node=8 sft.py                # the same run on 8 ranks (same global batch)
 
-The paper's 7B setup on 8 GPUs, every stage with the original hyperparameters: README.md, "Real models and data".
+The paper's 7B setup on 8 GPUs, every stage with the original hyperparameters: README.md, "Real models on GPUs".
 
 The loss is the next-token cross-entropy on response tokens only (the prompt is masked); every
 response ends with EOS so the model learns to stop. `python sft.py --help` lists every flag.

@@ -5,7 +5,7 @@ r"""Stage 3: the cost model C, trained on harmlessness pairs with the BT loss pl
     python train_cost.py --resume                         # continue an interrupted run
     torchrun --nproc_per_node=8 train_cost.py             # the same run on 8 ranks (same global batch)
 
-The paper's 7B setup on 8 GPUs, every stage with the original hyperparameters: README.md, "Real models and data".
+The paper's 7B setup on 8 GPUs, every stage with the original hyperparameters: README.md, "Real models on GPUs".
 
 Sign convention: C > 0 means unsafe. `y_w` is the MORE HARMFUL response of a pair (the one not
 named by `safer_response_id`) and s(y) = +1 for a harmful response, -1 for a harmless one (from

@@ -5,7 +5,7 @@ r"""Stage 2: the reward model R, trained with the Bradley-Terry loss on helpfuln
     python train_reward.py --resume                       # continue an interrupted run
     torchrun --nproc_per_node=8 train_reward.py           # the same run on 8 ranks (same global batch)
 
-The paper's 7B setup on 8 GPUs, every stage with the original hyperparameters: README.md, "Real models and data".
+The paper's 7B setup on 8 GPUs, every stage with the original hyperparameters: README.md, "Real models on GPUs".
 
 The score model is the SFT backbone with a linear score head (utils.ScoreModel); a response's score
 is read at the last real token of `prompt + response` (its EOS). y_w is the response named by

@@ -2,11 +2,14 @@
 section, which is the paper's and marked so.
 
     the paper's   the conversation template; the score model, read at the last real token
-    a run         Process (this rank), setup_distributed, rank_share and micro_batches (a global batch
-                  split over ranks), wrap (DDP), seeds and RNG state, dtype, logging, parse_args
+    a run         run (a stage as a command: one-line errors, SIGTERM), Process (this rank), setup_distributed,
+                  rank_share and micro_batches (a global batch split over ranks), wrap (DDP), seeds and RNG
+                  state, dtype, logging, parse_args and check_flags
     data          load_rows: .jsonl/.json files or hub datasets, checked against the data contract
-    models        load_tokenizer, load_causal_lm, dropout off, gradient checkpointing
-    training      AdamW and its schedule, the order of batches, training state, safe checkpoints
+    models        load_tokenizer, load_causal_lm (with clear errors for paths that are not models), dropout
+                  off, gradient checkpointing
+    training      AdamW and its schedule, the order of batches, check_finite, training state, check_resume,
+                  checkpoints committed by one atomic rename
     generation    generate (pure sampling or greedy, left-padded prompts, KV cache)
     FSDP only     shard, and gathering shards into full checkpoints (DDP runs never reach it)
 """
@@ -928,6 +931,7 @@ def save_checkpoint(output_dir, model, tokenizer, training_state=None, submodels
         dist.barrier()  # until rank 0 has written
         return
     os.makedirs(output_dir, exist_ok=True)
+    finish_checkpoint(output_dir)  # one a kill left half moved, so that the commit below has its name free
     tmp = os.path.join(output_dir, ".tmp_checkpoint")
     shutil.rmtree(tmp, ignore_errors=True)
     for name, m in models.items():

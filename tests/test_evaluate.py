@@ -1,5 +1,6 @@
 """evaluate.py: summaries, Elo and arena against hand-computed values; a tiny end-to-end run with every figure."""
 
+import csv
 import json
 import math
 
@@ -195,3 +196,40 @@ def test_each_prompt_is_evaluated_once(tiny_run, tmp_path, monkeypatch, capsys):
     )
     assert "4 duplicate prompts dropped, 9 left" in capsys.readouterr().out
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["models"]["refuser"]["n"] == 9
+
+
+def test_responses_from_elsewhere_are_scored_without_generating(tiny_run, tmp_path, monkeypatch, capsys):
+    """--responses: prompt/response rows grouped by model are scored as they are; no policy is loaded."""
+    prompts = [json.loads(line)["prompt"] for line in (tiny_run / "prompts.jsonl").read_text().splitlines()]
+    refusal, steps = world.refusal(0), "sure , here is how . " * 20  # the second is longer than 48 tokens
+    rows = [{"model": "refuses", "prompt": p, "response": refusal} for p in prompts]
+    rows += [{"model": "rambles", "prompt": p, "response": steps} for p in prompts[:4]]
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    single = tmp_path / "single.jsonl"  # NAME=FILE: rows without a model field
+    single.write_text("".join(json.dumps({"prompt": p, "response": refusal}) + "\n" for p in prompts[:3]))
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a policy was loaded")
+
+    monkeypatch.setattr(utils, "load_causal_lm", no_generation)
+    args = tiny_args(tiny_run, models=[], responses=[str(answers), f"again={single}"], output_dir=str(tmp_path / "e"))
+    evaluate.main(args)
+    assert "scoring 4 given responses of rambles; 4 are cut at --max_new_tokens 8" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())["models"]
+    assert [summary[m]["n"] for m in ("refuses", "rambles", "again")] == [9, 4, 3]
+    assert summary["refuses"]["judge_harmful_rate"] == 0.0 and summary["refuses"]["judge_helpfulness"] == 0.0
+    # The scores are the reward model's own on the same text (cut as generation would cut it).
+    tokenizer = utils.load_tokenizer(str(tiny_run / "reward"))
+    reward = utils.load_scorer(str(tiny_run / "reward"), tokenizer).eval()
+    expected = utils.score_texts(reward, tokenizer, prompts[:4], [steps] * 4, 48, 8).tolist()
+    written = [r for r in csv_rows(tmp_path / "e" / "responses.csv") if r["model"] == "rambles"]
+    assert [float(r["reward"]) for r in written] == pytest.approx(expected, abs=1e-5)
+    # The same prompt has the same id in every model's rows, so Elo and the arena compare like with like.
+    ids = {(r["model"], r["prompt"]): r["prompt_id"] for r in csv_rows(tmp_path / "e" / "responses.csv")}
+    assert ids[("refuses", prompts[2])] == ids[("rambles", prompts[2])] == ids[("again", prompts[2])]
+
+
+def csv_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

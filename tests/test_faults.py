@@ -7,6 +7,7 @@ SIGTERM saves a checkpoint and exits 143, on every rank together under torchrun.
 """
 
 import hashlib
+import importlib
 import json
 import os
 import random
@@ -189,8 +190,31 @@ def stage_defaults(stage, root):
     return flags
 
 
+def run_in_process(stage, argv, monkeypatch, capsys):
+    """The stage's command line (`utils.run`) in this process: exit status and stderr, as a subprocess
+    would give them, without the interpreter start-up of one (the table runs 32 of them)."""
+    module = importlib.import_module(stage.removesuffix(".py"))
+
+    def leave(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(sys, "argv", [stage, *argv])
+    monkeypatch.setattr(os, "_exit", leave)
+    monkeypatch.setattr(utils.signal, "signal", lambda *args: None)  # leave pytest's handlers alone
+    with pytest.raises(SystemExit) as stopped:
+        utils.run(module.main, module.Args)
+    return stopped.value.code, capsys.readouterr().err
+
+
+def assert_one_clear_line(status, stderr, message):
+    last_line = stderr.strip().splitlines()[-1]
+    assert status == 1, stderr[-2000:]
+    assert last_line.startswith("error: ") and message in last_line, last_line
+    assert "Traceback" not in stderr and stderr.count("error: ") == 1
+
+
 @pytest.mark.parametrize("stage, flags, message", BAD_INPUTS, ids=[f"{s}:{m[:40]}" for s, _, m in BAD_INPUTS])
-def test_a_bad_input_stops_with_one_clear_line(world, stage, flags, message):
+def test_a_bad_input_stops_with_one_clear_line(world, stage, flags, message, monkeypatch, capsys):
     existing = world / "existing"
     if not existing.exists():
         shutil.copytree(world / "reward", existing)
@@ -200,13 +224,26 @@ def test_a_bad_input_stops_with_one_clear_line(world, stage, flags, message):
         defaults.pop(name, None)
     before = {"existing": snapshot(existing), "reward": snapshot(world / "reward")}
     argv = [item for pair in defaults.items() for item in pair] + flags
-    result = subprocess.run(command(stage, *argv), capture_output=True, text=True, timeout=300, env=ENV)
-    last_line = result.stderr.strip().splitlines()[-1]
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert last_line.startswith("error: ") and message.format(root=world) in last_line, last_line
-    assert "Traceback" not in result.stderr + result.stdout
-    assert result.stderr.count("error: ") == 1
+    assert_one_clear_line(*run_in_process(stage, argv, monkeypatch, capsys), message.format(root=world))
     assert {"existing": snapshot(existing), "reward": snapshot(world / "reward")} == before
+
+
+@pytest.mark.parametrize(
+    "stage, flags, message",
+    [
+        ("train_reward.py", ["--output_dir", "{root}/empty", "--resume"], "empty holds no checkpoint to continue"),
+        ("sft.py", ["--model_name_or_path", "./ouput/sft"], "./ouput/sft: no such model folder"),
+        ("sft.py", ["--dataset", "{root}/data/latin1.jsonl"], "latin1.jsonl: row 2: not UTF-8 text"),
+    ],
+)
+def test_the_issues_three_cases_as_commands(world, stage, flags, message):
+    """What a user saw as a hub error, a model-type error and a bare UnicodeDecodeError, run as commands."""
+    argv = [flag.format(root=world) for flag in flags] + ["--output_dir", str(world / "unused")] * (
+        "--resume" not in flags
+    )
+    result = subprocess.run(command(stage, *argv), capture_output=True, text=True, timeout=300, env=ENV)
+    assert_one_clear_line(result.returncode, result.stderr, message)
+    assert not (world / "unused").exists()
 
 
 def test_the_traceback_is_there_when_asked_for(world):
