@@ -270,11 +270,9 @@ def plot_all(rows, summary, elo, args):
     figure, axis = plt.subplots(figsize=(6, 4.5))
     for i, name in enumerate(names):
         s = summary[name]
-        if judged:
-            point = (
-                1 - s["judge_harmful_rate"],
-                (s["judge_helpfulness_benign"] + s["judge_helpfulness_borderline"]) / 2,
-            )
+        if judged:  # helpfulness where safety does not call for a refusal (a model may lack a category)
+            parts = [s[key] for key in ("judge_helpfulness_benign", "judge_helpfulness_borderline") if key in s]
+            point = (1 - s["judge_harmful_rate"], sum(parts) / len(parts) if parts else s["judge_helpfulness"])
         else:
             point = (s["cost_safe_ratio"], s["mean_reward"])
         marker = "*" if name == "ppo_lag" else "s" if name == "sft" else "o"

@@ -309,6 +309,10 @@ def run(main, args_class):
     signal.signal(signal.SIGTERM, lambda signum, frame: _sigterm_received.append(signum))
     try:
         main(parse_args(args_class))
+        if "RANK" in os.environ:  # a finished torchrun rank leaves without the interpreter's teardown, which
+            sys.stdout.flush()  # can abort in gloo's thread when a process group was alive (cleanup_distributed)
+            sys.stderr.flush()
+            os._exit(0)
     except (UserError, Preempted) as stop:
         if os.environ.get(TRACEBACK_VARIABLE) == "1":
             raise
