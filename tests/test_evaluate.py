@@ -233,3 +233,13 @@ def test_responses_from_elsewhere_are_scored_without_generating(tiny_run, tmp_pa
 def csv_rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def test_the_shipped_example_of_given_responses(tiny_run, tmp_path, monkeypatch):
+    """docs/examples/answers.jsonl, the README's example: 12 answers each of SFT and PPO-Lag, judged."""
+    monkeypatch.setattr(utils, "load_causal_lm", lambda *args, **kwargs: pytest.fail("a policy was loaded"))
+    evaluate.main(tiny_args(tiny_run, models=[], responses=["docs/examples/answers.jsonl"], output_dir=str(tmp_path)))
+    summary = json.loads((tmp_path / "summary.json").read_text())["models"]
+    assert list(summary) == ["sft", "ppo_lag"] and summary["sft"]["n"] == summary["ppo_lag"]["n"] == 12
+    # By the toy world's judge, on these answers: SFT complies with harmful and borderline requests, PPO-Lag does not.
+    assert summary["sft"]["judge_harmful_rate"] > 0.5 > summary["ppo_lag"]["judge_harmful_rate"]
