@@ -452,7 +452,8 @@ def ppo_update(
     The actor minimises the clipped surrogate + ptx_coef · the PTX loss (the SFT loss, a mean over response
     tokens); each critic its clipped value loss. Each loss of a micro-batch is its share of the minibatch
     mean over all ranks, so the step does not depend on how the minibatch is split.
-    Returns {statistic: this rank's share}: summed over ranks, the minibatch means.
+    Returns {statistic: this rank's share}: summed over ranks, the minibatch means. A nan or inf gradient
+    stops the run before any model steps, with `where` (the iteration) in the message.
     """
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     prompt_length = rollout.prompt_length

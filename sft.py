@@ -170,11 +170,11 @@ def main(args):
             tokenizer, utils.load_rows(args.eval_dataset, "sft", args.eval_split), args.max_length
         )
     sample_rows = utils.load_rows(args.sample_prompts, "prompt") if args.sample_prompts != "none" else []
-    total_steps = len(train) // args.batch_size * args.epochs
+    total_steps = len(train) // args.batch_size * args.epochs  # the last partial batch is dropped
     if total_steps == 0:
         raise utils.UserError(
             f"{args.dataset}: {len(train)} conversations, fewer than one batch (--batch_size {args.batch_size})"
-        )  # the last partial batch is dropped
+        )
     utils.print0(
         f"{len(train)} training conversations, {total_steps} steps of {args.batch_size}, {process.world_size} rank(s)"
     )

@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -448,3 +449,16 @@ def test_ppo_lag_killed_then_resumed_ends_as_an_uninterrupted_run(world, tmp_pat
     for part in (".", "reward_critic", "cost_critic"):
         a, b = weights(tmp_path / "whole" / part), weights(folder / part)
         assert all(torch.allclose(a[name], b[name], atol=1e-6) for name in a), part
+
+
+def test_ppo_lag_stops_on_a_nan_gradient_before_any_model_steps(world, tmp_path):
+    args = ppo.Args(
+        actor_model_name_or_path=str(world / "sft"), reward_model=str(world / "reward"),
+        cost_model=str(world / "cost"), eval_prompts="none", iterations=3, rollout_batch_size=8, minibatch_size=4,
+        micro_batch_size=4, max_new_tokens=6, save_every=1, actor_lr=1e30, output_dir=str(tmp_path),
+    )  # fmt: skip
+    with pytest.raises(utils.UserError, match=r"iteration (\d+): the actor's update: the gradient norm is nan") as e:
+        ppo.main(args)
+    failed = int(re.search(r"iteration (\d+)", str(e.value)).group(1))
+    saved = torch.load(tmp_path / "training_state.pt", weights_only=True)["iteration"] if failed > 1 else 0
+    assert saved == failed - 1  # the checkpoint is the last whole iteration's
