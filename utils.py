@@ -110,7 +110,7 @@ def load_score_model(path, tokenizer, dtype=torch.float32, new_head=False):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     kwargs = dict(num_labels=1, id2label={0: "score"}, label2id={"score": 0})
-    require_config(path)
+    check_model_path(path)
     config = AutoConfig.from_pretrained(path)
     # Our score checkpoints are sequence classifiers; anything else (LlamaForCausalLM, GPT2LMHeadModel...) an LM.
     language_model = not any(name.endswith("ForSequenceClassification") for name in config.architectures or [])
@@ -141,7 +141,7 @@ def load_scorer(path, tokenizer, dtype=torch.float32):
     released PKU-Alignment/beaver-7b-* reward and cost models). By hub name or local folder."""
     from transformers import AutoConfig
 
-    require_config(path)
+    check_model_path(path)
     if is_original_score_model(AutoConfig.from_pretrained(path)):
         return OriginalScoreModel.from_pretrained(path, tokenizer, dtype)
     return load_score_model(path, tokenizer, dtype)
@@ -726,14 +726,15 @@ def has_weights(path):
     return any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path))
 
 
-def check_model_path(path):
-    """Stop with a clear line on a model path that cannot load: missing, not a model folder, or half-written."""
+def check_model_path(path, needs=("config.json",)):
+    """Stop with a clear line on a model path that cannot load: missing, half-written, or a folder without
+    any of the files `needs` (a tokenizer folder needs only its tokenizer_config.json)."""
     if os.path.isdir(os.path.join(path, INTERRUPTED)):
         raise UserError(
             f"{path}: writing its last checkpoint was interrupted; the stage that wrote it, run again with "
             "--resume and the same --output_dir, completes it"
         )
-    if os.path.isdir(path) and not {"config.json", "tokenizer_config.json"} & set(os.listdir(path)):
+    if os.path.isdir(path) and not set(needs) & set(os.listdir(path)):
         raise UserError(f"{path}: no config.json, so not a model folder (a stage's --output_dir is one)")
     if os.path.isfile(path):
         raise UserError(f"{path}: a file; a model is a folder (or a hub name)")
@@ -741,15 +742,10 @@ def check_model_path(path):
         raise UserError(f"{path}: no such model folder")
 
 
-def require_config(path):
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        raise UserError(f"{path}: no config.json, so not a model folder (a stage's --output_dir is one)")
-
-
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
-    check_model_path(path)
+    check_model_path(path, needs=("config.json", "tokenizer_config.json"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as error:  # a hub name that is not on the hub, no network, or a folder without a tokenizer
@@ -766,7 +762,7 @@ def load_causal_lm(path, tokenizer, dtype=torch.float32, model_class=None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_class = model_class or AutoModelForCausalLM
-    require_config(path)
+    check_model_path(path)
     if has_weights(path):
         model = model_class.from_pretrained(path, dtype=dtype)
     else:
