@@ -6,27 +6,30 @@ r"""Stage 4: PPO-Lagrangian, the heart of Safe RLHF (eqs. 7-10), with the PPO an
     python ppo_lagrangian.py --resume                                # continue an interrupted run
     torchrun --nproc_per_node=8 ppo_lagrangian.py                    # on 8 ranks, the same global batches
 
-The paper's 7B run on 8 GPUs, with the original hyperparameters: README.md, "Real models on GPUs".
+The paper's 7B run on 8 GPUs, with the original's hyperparameters and where ours differ: docs/gpu.md.
 
 Safe RLHF solves   max_θ J_R(θ)  s.t.  J_C(θ) = E[C(y, x)] + d <= 0   through its Lagrangian dual
 min_θ max_{λ>=0} -J_R(θ) + λ J_C(θ): PPO updates of the policy alternate with gradient ascent on λ.
 
-One iteration: sample prompts -> generate (KV cache, pure sampling at a temperature, left-padded
-prompts, stop at EOS) -> score with R and C at the last response token -> per-token rewards and
-costs (KL penalty, score at the last token) -> GAE for each stream with its critic -> advantage
-(A_R - λ A_C) / (1 + λ) -> a few epochs of minibatch PPO updates (clipped surrogate for the actor,
-clipped value loss for the critics). λ is updated right after the rollout, from the window of recent
-episode costs that already holds this batch's, and the update uses the new λ (as the original code).
+One iteration: sample prompts -> generate (KV cache, sampling at a temperature, left-padded prompts, stop at
+EOS) -> score with R and C at the last response token -> per-token rewards and costs (KL penalty, score at
+the last token) -> GAE for each stream with its critic -> update λ from the window of recent episode costs
+(this batch's included) -> advantage (A_R - λ A_C) / (1 + λ) with the new λ -> minibatch PPO updates (clipped
+surrogate for the actor, clipped value loss for the critics). The order is the original code's.
 """
 
+import json
 import math
 import os
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import transformers
+from tqdm import tqdm
 from transformers import AutoConfig
 
 import utils
@@ -34,7 +37,7 @@ import utils
 
 @dataclass
 class Args:
-    algorithm: str = "ppo_lag"
+    algorithm: Literal["ppo_lag", "ppo", "reward_shaping"] = "ppo_lag"
     """ppo_lag (Safe RLHF), ppo (reward only, λ ≡ 0) or reward_shaping (fixed R - ν·C)"""
     cost_coef: float = 1.0
     """ν: reward shaping's fixed cost coefficient, the reward is R - ν·C (reward_shaping only)"""
@@ -78,9 +81,9 @@ class Args:
     """actor AdamW weight decay (none on biases and norm weights)"""
     critic_weight_decay: float = 0.0
     """critics' AdamW weight decay"""
-    actor_lr_schedule: str = "cosine"
+    actor_lr_schedule: Literal["cosine", "constant"] = "cosine"
     """actor learning rate after warmup: cosine (decays to 0 at the last update) or constant"""
-    critic_lr_schedule: str = "constant"
+    critic_lr_schedule: Literal["cosine", "constant"] = "constant"
     """critics' learning rate: cosine (after warmup) or constant (no warmup, as transformers' 'constant')"""
     warmup_ratio: float = 0.03
     """share of the optimizer steps with a linear warmup of the learning rates"""
@@ -93,7 +96,7 @@ class Args:
     clip_range_value: float = 5.0
     """value clip of the critics' loss"""
     clip_range_score: float = 50.0
-    """R and C are clipped to ±this before entering the per-token rewards"""
+    """each token's reward and cost (score + KL term) is clipped to ±this, as the original"""
     gamma: float = 1.0
     """GAE discount γ"""
     gae_lambda: float = 0.95
@@ -108,7 +111,7 @@ class Args:
     """λ is clamped to [0, lambda_max]"""
     lambda_update_delay: int = 0
     """iterations before λ starts to move"""
-    lambda_update: str = "gradient_ascent"
+    lambda_update: Literal["gradient_ascent", "pid"] = "gradient_ascent"
     """how λ follows the constraint: gradient_ascent (the original's, on log λ) or pid (a PID controller)"""
     pid_kp: float = 0.05
     """PID: proportional gain, λ per unit of Ĵ_C - threshold"""
@@ -123,6 +126,9 @@ class Args:
     rank: pass 128 x ranks to reproduce it)"""
     temperature: float = 1.0
     """sampling temperature; log-probs are computed at the same temperature"""
+    top_k: int = 0
+    """sample from the top_k most likely tokens only (0: all, the distribution the PPO ratio and KL assume; the
+    original samples with transformers' default top-k 50: pass 50 to reproduce it)"""
     max_prompt_length: int = 48
     """prompt tokens kept (the start of longer prompts is cut)"""
     max_new_tokens: int = 48
@@ -133,7 +139,7 @@ class Args:
     """SFT data for the PTX loss: a .jsonl/.json file or a hub name"""
     ptx_split: str = "train"
     """split of a hub PTX dataset"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """float32, bfloat16 (mixed precision), or auto: bf16 on a GPU that has it, fp32 on CPU"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass of actor and critics"""
@@ -260,6 +266,47 @@ def explained_variance(values, returns, mask):
     return (1 - variance(returns - values) / variance(returns).clamp(min=1e-8)).item()
 
 
+class LagrangeMultiplier:
+    """λ and all it depends on, in one place: log λ (kept in log space, as the original) or the PID controller's
+    state, and the window of recent episode costs whose mean is Ĵ_C. Every rank holds the same one."""
+
+    def __init__(self, args):
+        self.args, self.episode_costs = args, deque(maxlen=args.episode_cost_window)
+        self.log_lambda = math.log(args.lambda_init) if args.algorithm == "ppo_lag" else -math.inf  # λ ≡ 0 otherwise
+        # PID: the integral starts where K_I I = lambda_init, so both updates start from the same λ.
+        self.controller = dict(
+            integral=args.lambda_init / args.pid_ki if args.pid_ki else 0.0, violation=0.0, cost=None
+        )
+
+    @property
+    def value(self):
+        return math.exp(self.log_lambda)
+
+    def update(self, costs, iteration):
+        """Ĵ_C, the mean cost of the window once it holds `costs` (this iteration's episodes, every rank's), then one
+        step of λ on it (PPO-Lag only, after --lambda_update_delay iterations). Returns Ĵ_C."""
+        args = self.args
+        self.episode_costs.extend(costs)
+        episode_cost = sum(self.episode_costs) / len(self.episode_costs)
+        if args.algorithm == "ppo_lag" and iteration >= args.lambda_update_delay and args.lambda_update == "pid":
+            pid = (args.pid_kp, args.pid_ki, args.pid_kd, args.pid_smoothing, args.lambda_max)
+            lagrange_multiplier, self.controller = pid_lagrange_multiplier_update(
+                self.controller, episode_cost, args.threshold, *pid
+            )
+            self.log_lambda = math.log(lagrange_multiplier) if lagrange_multiplier > 0 else -math.inf
+        elif args.algorithm == "ppo_lag" and iteration >= args.lambda_update_delay:
+            step = (args.threshold, args.lambda_lr, args.lambda_max)
+            self.log_lambda = lagrange_multiplier_update(self.log_lambda, episode_cost, *step)
+        return episode_cost
+
+    def state_dict(self):
+        return dict(log_lambda=self.log_lambda, controller=self.controller, episode_costs=list(self.episode_costs))
+
+    def load_state_dict(self, state):
+        self.log_lambda, self.controller = state["log_lambda"], state["controller"]
+        self.episode_costs.extend(state["episode_costs"])
+
+
 # ----------------------------------------------------------------------------- rollout
 
 
@@ -287,13 +334,14 @@ def critic_values(critic, sequences, attention_mask, prompt_length):
     return critic(sequences, attention_mask)[:, prompt_length - 1 : -1]  # (B, N)
 
 
-def end_scores(scorer, scorer_tokenizer, tokenizer, sequences, attention_mask, prompts, response_ids, max_lengths):
-    """R or C of each response, read at its last token; re-tokenised from text if the scorer's tokenizer differs."""
+def end_scores(scorer, scorer_tokenizer, tokenizer, sequences, attention_mask, prompts, response_ids, max_length):
+    """R or C of each response, read at its last token. A scorer with the actor's tokenizer reads the sequences as
+    they are (the original's choice); another re-tokenises the text, as the original's batch_retokenize does."""
     if scorer_tokenizer.get_vocab() == tokenizer.get_vocab():
-        return scorer.end_scores(sequences, attention_mask)  # (B,)
+        return scorer(sequences, attention_mask, end=True)  # (B,)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in response_ids]
     ended = [len(ids) > 0 and ids[-1] == tokenizer.eos_token_id for ids in response_ids]
-    return utils.score_texts(scorer, scorer_tokenizer, prompts, texts, *max_lengths, ended)  # (B,)
+    return score_texts(scorer, scorer_tokenizer, prompts, texts, max_length, ended)  # (B,)
 
 
 @dataclass
@@ -310,35 +358,39 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(args, models, tokenizer, prompts, dtype=torch.float32):
+def rollout(args, models, tokenizer, prompts, process):
     """Generate responses to `prompts` and compute everything the PPO update needs.
 
-    models: "actor", "reference", "reward_critic", "cost_critic" (None for the baselines), and the
-    frozen scorers "reward" and "cost" (None for PPO) as (model, its tokenizer).
-    Forward passes run under the same autocast as the update, so old and new log-probs agree.
+    models: "actor", "reference", "reward_critic", "cost_critic" (None for the baselines), and the frozen
+    scorers "reward" and "cost" (None for PPO) as (model, its tokenizer). Forward passes run under the same
+    autocast as the update, so old and new log-probs agree.
     """
-    prompt_ids = [utils.tokenize_prompt(tokenizer, p, args.max_prompt_length) for p in prompts]
+    prompt_ids = [utils.tokenize_conversation(tokenizer, p, None, args.max_prompt_length)[0] for p in prompts]
     models["actor"].eval()  # generation with the KV cache on the unwrapped model
     sequences, prompt_length = utils.generate(
-        models["actor"], tokenizer, prompt_ids, args.max_new_tokens, args.temperature
+        models["actor"], tokenizer, prompt_ids, args.max_new_tokens, args.temperature, top_k=args.top_k
     )  # (B, P + N)
     responses = sequences[:, prompt_length:]  # (B, N)
     mask = response_mask(responses, tokenizer.eos_token_id)  # (B, N): 1 up to and including the first EOS
     prompt_mask = sequences[:, :prompt_length] != tokenizer.pad_token_id  # (B, P)
     attention_mask = torch.cat([prompt_mask.long(), mask.long()], dim=1)  # (B, P + N)
     response_ids = [row[: int(m.sum())] for row, m in zip(responses.tolist(), mask)]
-    max_lengths = (args.max_prompt_length, args.max_new_tokens)
 
     # Old log-probs with a full forward pass (not the generation's), the reference's, the scores, the values.
     inputs = (sequences, attention_mask, prompt_length)
-    with utils.autocast(sequences.device, dtype):
+    with process.autocast():
         logits = actor_forward(models["actor"], *inputs)  # (B, N, V)
         ref_logits = actor_forward(models["reference"], *inputs)  # (B, N, V)
-        scored = (tokenizer, sequences, attention_mask, prompts, response_ids, max_lengths)
+        scored = (
+            tokenizer,
+            sequences,
+            attention_mask,
+            prompts,
+            response_ids,
+            args.max_prompt_length + args.max_new_tokens,
+        )
         reward = end_scores(*models["reward"], *scored)  # (B,)
-        cost = torch.zeros_like(reward)  # (B,)
-        if models["cost"] is not None:
-            cost = end_scores(*models["cost"], *scored)  # (B,)
+        cost = end_scores(*models["cost"], *scored) if models["cost"] is not None else torch.zeros_like(reward)  # (B,)
         reward_values = critic_values(models["reward_critic"], *inputs) * mask  # (B, N)
         if models["cost_critic"] is not None:
             cost_values = critic_values(models["cost_critic"], *inputs) * mask  # (B, N)
@@ -347,44 +399,94 @@ def rollout(args, models, tokenizer, prompts, dtype=torch.float32):
     tempered = F.log_softmax(logits.float() / args.temperature, dim=-1)  # (B, N, V)
     entropy = token_mean(-(tempered.exp() * tempered).sum(-1), mask)
 
-    # The reward stream: R for PPO-Lag and PPO; R - ν·C for reward shaping.
-    score = reward
-    if args.algorithm == "reward_shaping":
-        score = reward.clamp(-args.clip_range_score, args.clip_range_score) - args.cost_coef * cost.clamp(
-            -args.clip_range_score, args.clip_range_score
-        )
+    # The reward stream: R for PPO-Lag and PPO; R - ν·C for reward shaping (on the raw scores, as the original).
+    score = reward - args.cost_coef * cost if args.algorithm == "reward_shaping" else reward
     rewards = per_token_rewards(score, log_probs, ref_log_probs, mask, args.kl_coef, args.clip_range_score, -1)
     reward_advantages, reward_returns = gae(rewards, reward_values, mask, args.gamma, args.gae_lambda)  # (B, N)
-    batch = dict(
-        sequences=sequences,
-        attention_mask=attention_mask,
-        mask=mask,
-        log_probs=log_probs,
-        reward_values=reward_values,
-        reward_advantages=reward_advantages,
-        reward_returns=reward_returns,
-    )
+    batch = dict(sequences=sequences, attention_mask=attention_mask, mask=mask, log_probs=log_probs)
+    batch.update(reward_values=reward_values, reward_advantages=reward_advantages, reward_returns=reward_returns)
     if models["cost_critic"] is not None:
         costs = per_token_rewards(cost, log_probs, ref_log_probs, mask, args.kl_coef, args.clip_range_score, +1)
         cost_advantages, cost_returns = gae(costs, cost_values, mask, args.gamma, args.gae_lambda)  # (B, N)
         batch.update(cost_values=cost_values, cost_advantages=cost_advantages, cost_returns=cost_returns)
     kl = ((log_probs - ref_log_probs) * mask).sum(-1)  # (B,): each response's KL estimate
-    stats = dict(
-        reward=reward.mean().item(),
-        cost=cost.mean().item(),
-        kl=kl.mean().item(),
-        entropy=entropy.item(),
-        response_length=mask.sum(-1).mean().item(),
-        eos_rate=(responses == tokenizer.eos_token_id).any(-1).float().mean().item(),
-        reward_explained_variance=explained_variance(reward_values, reward_returns, mask),
-    )
+    stats = dict(reward=reward.mean().item(), cost=cost.mean().item(), kl=kl.mean().item(), entropy=entropy.item())
+    stats.update(response_length=mask.sum(-1).mean().item())
+    stats.update(eos_rate=(responses == tokenizer.eos_token_id).any(-1).float().mean().item())
+    stats.update(reward_explained_variance=explained_variance(reward_values, reward_returns, mask))
     if models["cost_critic"] is not None:
         stats["cost_explained_variance"] = explained_variance(cost_values, cost_returns, mask)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in response_ids]
     return Rollout(batch, prompt_length, reward, cost, stats, texts)
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- the update
+
+
+UPDATE_STATISTICS = ("actor_loss", "approx_kl", "clip_fraction", "reward_value_loss", "cost_value_loss", "ptx_loss")
+
+
+def ppo_update(args, process, wrapped, optimizers, schedulers, episodes, rows, lagrange_multiplier, ptx, where=""):
+    """One optimizer step of the actor and of each critic on one minibatch: `rows`, this rank's rows of the
+    Rollout's batch in it (args.minibatch_size rows over all ranks), in micro-batches of at most micro_batch_size;
+    `ptx`: (one collated SFT batch per micro-batch, the label tokens of the whole PTX minibatch on all ranks).
+
+    The actor minimises the clipped surrogate + ptx_coef · the PTX loss (the SFT loss, a mean over label tokens);
+    each critic its clipped value loss. Each micro-batch's loss is its share of the minibatch mean over all
+    ranks, so the step does not depend on how the minibatch is split. Returns {statistic: this rank's share};
+    summed over ranks, the minibatch means. A nan or inf gradient stops the run before any model steps.
+    """
+    n_sequences, prompt_length, (ptx_batches, n_ptx_tokens) = args.minibatch_size, episodes.prompt_length, ptx
+    chunks = [rows[i : i + args.micro_batch_size] for i in range(0, len(rows), args.micro_batch_size)]
+    stats = torch.zeros(len(UPDATE_STATISTICS), device=episodes.reward.device)
+    for micro_step, chunk in enumerate(chunks):
+        for model in wrapped.values():  # DDP all-reduces gradients after the last micro step only
+            model.require_backward_grad_sync = micro_step == len(chunks) - 1
+        mb = {key: value[chunk] for key, value in episodes.batch.items()}  # this micro-batch's rows
+        mask = mb["mask"]  # (b, N): 1 on the response tokens up to the first EOS
+        inputs = (mb["sequences"], mb["attention_mask"], prompt_length)  # (b, P + N) twice, and P
+        with process.autocast():
+            logits = actor_forward(wrapped["actor"], *inputs)  # (b, N, V)
+        log_probs = token_log_probs(logits, mb["sequences"][:, prompt_length:], args.temperature)  # (b, N)
+        advantages = mb["reward_advantages"]  # (b, N)
+        if "cost_advantages" in mb:
+            advantages = combined_advantages(advantages, mb["cost_advantages"], lagrange_multiplier)  # (b, N)
+        loss, ratio = actor_loss(log_probs, mb["log_probs"], advantages, mask, args.clip_range_ratio, n_sequences)
+        ptx_loss = torch.zeros((), device=mask.device)
+        if ptx_batches:  # PTX: next-token cross-entropy on SFT conversations (logits at t predict token t + 1)
+            input_ids, attention_mask, labels = ptx_batches[micro_step]  # (b', T) each
+            with process.autocast():
+                ptx_logits = wrapped["actor"](input_ids=input_ids, attention_mask=attention_mask).logits
+            ptx_logits = ptx_logits[:, :-1].float()  # (b', T - 1, V)
+            ptx_loss = (
+                F.cross_entropy(ptx_logits.flatten(0, 1), labels[:, 1:].flatten(), reduction="sum") / n_ptx_tokens
+            )
+        # DDP and FSDP average gradients over ranks: scale back up so they are those of the global mean.
+        ((loss + args.ptx_coef * ptx_loss) * process.world_size).backward()
+        approx_kl = (ratio - 1) - torch.log(ratio)  # (b, N): the k3 estimator of KL(π_old ‖ π), per token
+        clipped = ((ratio - 1).abs() > args.clip_range_ratio).float()  # (b, N)
+        value_losses = [torch.zeros((), device=mask.device), torch.zeros((), device=mask.device)]
+        for i, name in enumerate(("reward", "cost")):
+            if f"{name}_critic" in wrapped:
+                with process.autocast():
+                    values = critic_values(wrapped[f"{name}_critic"], *inputs)  # (b, N)
+                targets = (mb[f"{name}_values"], mb[f"{name}_returns"])  # (b, N) each: V_old and the GAE returns
+                critic_loss = value_loss(values, *targets, mask, args.clip_range_value, n_sequences)
+                (critic_loss * process.world_size).backward()
+                value_losses[i] = critic_loss.detach()
+        kl_and_clip = [sequence_mean(approx_kl.detach(), mask, n_sequences), sequence_mean(clipped, mask, n_sequences)]
+        stats += torch.stack([loss.detach(), *kl_and_clip, *value_losses, ptx_loss.detach()])
+    norms = {name: torch.nn.utils.clip_grad_norm_(m.parameters(), args.max_grad_norm) for name, m in wrapped.items()}
+    for name, norm in norms.items():  # no model steps if any gradient is nan or inf
+        utils.check_finite(norm, f"{where}the {name}'s update")
+    for name in wrapped:
+        optimizers[name].step()
+        schedulers[name].step()
+        optimizers[name].zero_grad(set_to_none=True)
+    return dict(zip(UPDATE_STATISTICS, stats))
+
+
+# ----------------------------------------------------------------------------- data and models
 
 
 def prompt_order(n_prompts, seed, position):
@@ -418,120 +520,53 @@ def make_examples(tokenizer, rows, max_length):
 # Copied from sft.collate
 def collate(examples, pad_token_id, device):
     input_ids, attention_mask = utils.batch_inputs([ids for ids, _ in examples], pad_token_id, device)
-    labels = utils.pad([labels for _, labels in examples], -100).to(device)
+    labels, _ = utils.batch_inputs([labels for _, labels in examples], -100, device)
     return input_ids, attention_mask, labels
 
 
-UPDATE_STATISTICS = ("actor_loss", "approx_kl", "clip_fraction", "reward_value_loss", "cost_value_loss", "ptx_loss")
-
-
 def ptx_minibatch(args, ptx_examples, update_step, process, pad_token_id):
-    """The PTX data of one update: minibatch_size SFT conversations, the same global batch at any number
-    of ranks (epochs of seeded shuffles); this rank's share of them, collated per micro-batch, and the
-    label tokens of the whole global batch (the PTX loss is their mean)."""
+    """The PTX data of one update: minibatch_size SFT conversations, the same global batch at any number of ranks
+    (epochs of seeded shuffles); this rank's share of them, collated per micro-batch, and the label tokens of the
+    whole global batch (the PTX loss is their mean)."""
     if not ptx_examples:
         return [], 0
-    picks = utils.global_batch(len(ptx_examples), args.minibatch_size, args.seed, update_step)
-    examples = [ptx_examples[i] for i in picks]
+    examples = [ptx_examples[i] for i in utils.global_batch(len(ptx_examples), args.minibatch_size, args.seed, update_step)]  # fmt: skip
     n_tokens = sum(label != -100 for _, labels in examples for label in labels[1:])
     share = args.minibatch_size // process.world_size
     mine = examples[process.rank * share : (process.rank + 1) * share]
-    return [
-        collate(chunk, pad_token_id, process.device) for chunk in utils.micro_batches(mine, args.micro_batch_size)
-    ], n_tokens
+    chunks = [mine[i : i + args.micro_batch_size] for i in range(0, share, args.micro_batch_size)]
+    return [collate(chunk, pad_token_id, process.device) for chunk in chunks], n_tokens
 
 
-def ppo_update(
-    args, wrapped, optimizers, schedulers, rollout, rows, n_sequences, lagrange_multiplier, ptx_batches, n_ptx_tokens,
-    dtype, where="",
-):  # fmt: skip
-    """One optimizer step of the actor and of each critic on one minibatch. `rows`: this rank's rows of the
-    Rollout's batch in it (n_sequences over all ranks), in micro-batches of at most micro_batch_size;
-    `ptx_batches`: one collated SFT batch per micro-batch (n_ptx_tokens: their label tokens on all ranks).
-
-    The actor minimises the clipped surrogate + ptx_coef · the PTX loss (the SFT loss, a mean over response
-    tokens); each critic its clipped value loss. Each loss of a micro-batch is its share of the minibatch
-    mean over all ranks, so the step does not depend on how the minibatch is split.
-    Returns {statistic: this rank's share}: summed over ranks, the minibatch means. A nan or inf gradient
-    stops the run before any model steps, with `where` (the iteration) in the message.
-    """
-    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    prompt_length = rollout.prompt_length
-    chunks = utils.micro_batches(rows, args.micro_batch_size)
-    stats = torch.zeros(len(UPDATE_STATISTICS), device=rollout.reward.device)
-    for micro_step, chunk in enumerate(chunks):
-        for model in wrapped.values():
-            utils.set_gradient_sync(model, micro_step, len(chunks))
-        mb = {key: value[chunk] for key, value in rollout.batch.items()}
-        mask = mb["mask"]
-        with utils.autocast(mask.device, dtype):
-            logits = actor_forward(wrapped["actor"], mb["sequences"], mb["attention_mask"], prompt_length)
-        log_probs = token_log_probs(logits, mb["sequences"][:, prompt_length:], args.temperature)
-        advantages = mb["reward_advantages"]
-        if "cost_advantages" in mb:
-            advantages = combined_advantages(advantages, mb["cost_advantages"], lagrange_multiplier)
-        loss, ratio = actor_loss(log_probs, mb["log_probs"], advantages, mask, args.clip_range_ratio, n_sequences)
-        ptx_loss = torch.zeros((), device=mask.device)
-        if ptx_batches:
-            # PTX: next-token cross-entropy on SFT conversations (logits at t predict token t + 1).
-            input_ids, attention_mask, labels = ptx_batches[micro_step]
-            with utils.autocast(mask.device, dtype):
-                ptx_logits = wrapped["actor"](input_ids=input_ids, attention_mask=attention_mask).logits
-            ptx_logits = ptx_logits[:, :-1].float()  # (B, T-1, V)
-            ptx_loss = (
-                F.cross_entropy(ptx_logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
-                / n_ptx_tokens
-            )
-        # DDP and FSDP average gradients over ranks: scale back up so they are those of the global mean.
-        ((loss + args.ptx_coef * ptx_loss) * world_size).backward()
-        approx_kl = (ratio - 1) - torch.log(ratio)  # k3 estimator of KL(π_old ‖ π), per token
-        clipped = ((ratio - 1).abs() > args.clip_range_ratio).float()
-        value_losses = [torch.zeros((), device=mask.device), torch.zeros((), device=mask.device)]
-        for i, name in enumerate(("reward", "cost")):
-            if f"{name}_critic" in wrapped:
-                with utils.autocast(mask.device, dtype):
-                    values = critic_values(
-                        wrapped[f"{name}_critic"], mb["sequences"], mb["attention_mask"], prompt_length
-                    )
-                critic_loss = value_loss(
-                    values, mb[f"{name}_values"], mb[f"{name}_returns"], mask, args.clip_range_value, n_sequences
-                )
-                (critic_loss * world_size).backward()
-                value_losses[i] = critic_loss.detach()
-        stats += torch.stack(
-            [
-                loss.detach(),
-                sequence_mean(approx_kl.detach(), mask, n_sequences),
-                sequence_mean(clipped, mask, n_sequences),
-                *value_losses,
-                ptx_loss.detach(),
-            ]
-        )
-    norms = {name: torch.nn.utils.clip_grad_norm_(m.parameters(), args.max_grad_norm) for name, m in wrapped.items()}
-    for name, norm in norms.items():  # no model steps if any gradient is nan or inf
-        utils.check_finite(norm, f"{where}the {name}'s update")
-    for name in wrapped:
-        optimizers[name].step()
-        schedulers[name].step()
-        optimizers[name].zero_grad(set_to_none=True)
-    return dict(zip(UPDATE_STATISTICS, stats))
+# Copied from evaluate.score_texts
+@torch.no_grad()
+def score_texts(model, tokenizer, prompts, responses, max_length, ended=None, batch_size=64):
+    """End scores (N,) of texts under a ScoreModel with its own tokenizer, tokenised as the original (one string, cut
+    at max_length; EOS after the responses that `ended`, by default all). The original's batch_retokenize."""
+    ended = ended or [True] * len(prompts)
+    ids = [utils.tokenize_conversation(tokenizer, p, r, max_length, e)[0] for p, r, e in zip(prompts, responses, ended)]
+    device = next(model.parameters()).device
+    batches = [
+        utils.batch_inputs(ids[i : i + batch_size], tokenizer.pad_token_id, device)
+        for i in range(0, len(ids), batch_size)
+    ]
+    return torch.cat([model(*batch, end=True) for batch in batches])
 
 
 # Copied from sft.sample_and_judge
 @torch.no_grad()
 def sample_and_judge(model, tokenizer, prompt_rows, max_prompt_length, max_new_tokens):
-    """Greedy answers to a few prompts (printed); for toy-world prompts, the judge's verdict on all."""
+    """Greedy answers to the prompts (three printed); for toy-world prompts, the judge's verdict on all of them."""
     from toy_world import world
 
     model.eval()
-    prompts = [row["prompt"] for row in prompt_rows]
-    responses, ends_with_eos = [], []
+    prompts, responses, ends_with_eos = [row["prompt"] for row in prompt_rows], [], []
     for start in range(0, len(prompts), 64):
-        prompt_ids = [utils.tokenize_prompt(tokenizer, p, max_prompt_length) for p in prompts[start : start + 64]]
-        sequences, prompt_length = utils.generate(model, tokenizer, prompt_ids, max_new_tokens, greedy=True)
-        for ids in utils.response_lists(sequences, prompt_length, tokenizer.eos_token_id):
-            ends_with_eos.append(ids[-1] == tokenizer.eos_token_id)
-            responses.append(tokenizer.decode(ids, skip_special_tokens=True))
+        ids = [utils.tokenize_conversation(tokenizer, p, None, max_prompt_length)[0] for p in prompts[start:][:64]]
+        sequences, prompt_length = utils.generate(model, tokenizer, ids, max_new_tokens, greedy=True)
+        for row in sequences[:, prompt_length:].tolist():
+            ends_with_eos.append(tokenizer.eos_token_id in row)
+            responses.append(tokenizer.decode(row, skip_special_tokens=True))
     for prompt, response in list(zip(prompts, responses))[:3]:
         utils.print0(f"  USER: {prompt}\n  ASSISTANT: {response}")
     if not all(world.task_of_prompt(p) for p in prompts):
@@ -544,32 +579,88 @@ def sample_and_judge(model, tokenizer, prompt_rows, max_prompt_length, max_new_t
     return summary
 
 
+def plot_training_curves(metrics_path, output_dir):
+    """λ, the episode cost Ĵ_C against the threshold, the reward and the KL of this run, by iteration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_path) as f:
+        train = [record for record in map(json.loads, f) if record["split"] == "train"]
+    steps = [record["step"] for record in train]
+    figure, axes = plt.subplots(1, 4, figsize=(15, 3.2))
+    axes[0].plot(steps, [r["lambda"] for r in train], color="tab:purple")
+    axes[1].plot(steps, [r["episode_cost"] for r in train], label="Ĵ_C (window)")
+    axes[1].plot(steps, [r["cost"] for r in train], alpha=0.4, label="batch cost")
+    axes[1].axhline(train[-1]["threshold"], color="black", linestyle="--", label="threshold")
+    axes[1].legend(fontsize=8)
+    axes[2].plot(steps, [r["reward"] for r in train], color="tab:green")
+    axes[3].plot(steps, [r["kl"] for r in train], color="tab:gray")
+    for axis, title in zip(axes, ("Lagrange multiplier λ", "Episode cost", "Reward", "KL(π ‖ π_ref) per response")):
+        axis.set(title=title, xlabel="iteration")
+    figure.suptitle(output_dir)
+    figure.tight_layout()
+    figure.savefig(os.path.join(output_dir, "training_curves.png"), dpi=120)
+    plt.close(figure)
+
+
+def load_models(args, process, tokenizer, prompts, resumed_from=None):
+    """The six models, dropout off in each: the actor (trained) and its frozen reference from the SFT model; the
+    frozen reward and cost models with their own tokenizers (ours or the original's format); the reward and cost
+    critics (trained), from R and C or --reward_critic_model / --cost_critic_model, which must share the actor's
+    tokenizer. Returns (trained: {name: model}, wrapped: {name: as each rank trains it}, frozen: {name: ...})."""
+
+    def prepared(model, train):  # dropout off (the PPO ratio is 1 before any update), then on this rank's device
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            if isinstance(getattr(module, "attention_dropout", None), float):  # functional dropout in attention
+                module.attention_dropout = 0.0
+        config = (model.model if isinstance(model, utils.ScoreModel) else model).config  # where a model reads it
+        for key in [key for key, value in config.to_dict().items() if "dropout" in key and isinstance(value, float)]:
+            setattr(config, key, 0.0)
+        model = model if train else model.to(process.dtype).eval().requires_grad_(False)
+        return model, utils.wrap(model, process, args)
+
+    trained, wrapped, frozen = {}, {}, {}
+    actor = utils.load_model(resumed_from or args.actor_model_name_or_path, tokenizer)
+    trained["actor"], wrapped["actor"] = prepared(actor, train=True)
+    frozen["reference"] = prepared(utils.load_model(args.actor_model_name_or_path, tokenizer), train=False)[1]
+    streams = ("reward", "cost") if args.algorithm == "ppo_lag" else ("reward",)
+    for name in ("reward", "cost"):
+        if name == "reward" or args.algorithm != "ppo":  # reward shaping scores C too; PPO has no cost
+            path = getattr(args, f"{name}_model")
+            scorer_tokenizer = utils.load_tokenizer(path, prompts)  # its own tokenizer, which must read the prompts
+            scorer = utils.load_model(path, scorer_tokenizer, score=True)
+            frozen[name] = (prepared(scorer, train=False)[1], scorer_tokenizer)
+        if name in streams:  # a critic reads the actor's tokens, so it needs the actor's tokenizer
+            path = os.path.join(resumed_from, f"{name}_critic") if resumed_from else getattr(args, f"{name}_critic_model") or getattr(args, f"{name}_model")  # fmt: skip
+            hint = f"pass --{name}_critic_model (e.g. the SFT model)"
+            if utils.load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
+                raise utils.UserError(f"{path} does not share the actor's tokenizer: {hint}")
+            if (AutoConfig.from_pretrained(path).architectures or [""])[0].endswith("ForScore"):
+                raise utils.UserError(f"{path} is in the original code's score format, which scores but is not trained here: {hint}")  # fmt: skip
+            critic = utils.load_model(path, tokenizer, score=True, new_head=True)
+            trained[f"{name}_critic"], wrapped[f"{name}_critic"] = prepared(critic, train=True)
+    return trained, wrapped, frozen
+
+
 def main(args):
     # ------------------------------------------------------------------ setup
-    if args.algorithm not in ("ppo_lag", "ppo", "reward_shaping"):
-        raise utils.UserError(f"--algorithm must be ppo_lag, ppo or reward_shaping, got {args.algorithm!r}")
     if args.lambda_init <= 0:
         raise utils.UserError("--lambda_init must be > 0 (λ is kept as log λ)")
-    if args.lambda_update not in ("gradient_ascent", "pid"):
-        raise utils.UserError(f"--lambda_update must be gradient_ascent or pid, got {args.lambda_update!r}")
-    for flag in ("actor_lr_schedule", "critic_lr_schedule"):
-        if getattr(args, flag) not in ("cosine", "constant"):
-            raise utils.UserError(f"--{flag} must be cosine or constant, got {getattr(args, flag)!r}")
     if args.rollout_batch_size % args.minibatch_size:
-        raise utils.UserError(
-            f"--rollout_batch_size {args.rollout_batch_size} must be a multiple of --minibatch_size {args.minibatch_size}"
-        )
-    lagrangian = args.algorithm == "ppo_lag"
+        raise utils.UserError(f"--rollout_batch_size {args.rollout_batch_size} must be a multiple of --minibatch_size {args.minibatch_size}")  # fmt: skip
     output_dir = default_output_dir(args)
-    process = utils.setup_distributed()
-    dtype = utils.resolve_dtype(args.dtype, process.device)
-    # The same global batches at any number of ranks: each rank takes its share of them.
+    process = utils.setup_distributed(args.dtype)
+    # The same global batches at any number of ranks: each rank takes its share.
     per_rank = utils.rank_share(args.rollout_batch_size, process.world_size, "rollout_batch_size")
     minibatch_per_rank = utils.rank_share(args.minibatch_size, process.world_size, "minibatch_size")
-    utils.seed_everything(args.seed + process.rank)  # each rank samples different responses
-    if args.resume:
-        utils.check_resume(output_dir, args)  # the same stage and flags, or a clear stop
-    metrics_path = os.path.join(output_dir, "metrics.jsonl")
+    transformers.set_seed(args.seed + process.rank)  # each rank samples its own responses
+    saved = utils.check_resume(args, output_dir)  # {}, or a checkpoint of this run to continue
+    if saved and len(saved["rng"]) != process.world_size:  # each rank's sampling RNG is part of the state
+        raise utils.UserError(f"{output_dir} was saved by a run on {len(saved['rng'])} rank(s) and this one has {process.world_size}: a PPO run resumes on as many ranks as it ran on")  # fmt: skip
 
     # ------------------------------------------------------------------ data
     tokenizer = utils.load_tokenizer(args.actor_model_name_or_path)
@@ -577,170 +668,68 @@ def main(args):
     prompts = list(dict.fromkeys(row["prompt"] for row in rows))  # each prompt once, as the original's dataset
     if len(prompts) < len(rows):
         utils.print0(f"{args.prompts}: {len(rows) - len(prompts)} duplicate prompts dropped, {len(prompts)} left")
-    iterations = args.iterations
-    if args.epochs > 0:  # the original's run length: passes over the prompts
-        iterations = math.ceil(args.epochs * len(prompts) / args.rollout_batch_size)
+    iterations = math.ceil(args.epochs * len(prompts) / args.rollout_batch_size) if args.epochs > 0 else args.iterations
     ptx_examples = []
     if args.ptx_coef > 0:
-        max_length = args.max_prompt_length + args.max_new_tokens
-        ptx_examples = make_examples(tokenizer, utils.load_rows(args.ptx_dataset, "sft", args.ptx_split), max_length)
+        ptx_rows = utils.load_rows(args.ptx_dataset, "sft", args.ptx_split)
+        ptx_examples = make_examples(tokenizer, ptx_rows, args.max_prompt_length + args.max_new_tokens)
         if len(ptx_examples) < args.minibatch_size:
-            raise utils.UserError(
-                f"{args.ptx_dataset}: {len(ptx_examples)} conversations, fewer than one PTX minibatch "
-                f"(--minibatch_size {args.minibatch_size})"
-            )
+            raise utils.UserError(f"{args.ptx_dataset}: {len(ptx_examples)} conversations, fewer than one PTX minibatch of {args.minibatch_size}")  # fmt: skip
     eval_rows = utils.load_rows(args.eval_prompts, "prompt") if args.eval_prompts != "none" else []
 
-    # ------------------------------------------------------------------ models
-    # With --fsdp each model is sharded as soon as it is loaded: no GPU ever holds more than one whole model.
-    def frozen(model):
-        utils.disable_dropout(model)
-        model = model.to(dtype).eval().requires_grad_(False)
-        return utils.shard(model, dtype) if args.fsdp and process.world_size > 1 else model.to(process.device)
-
-    def trainable(model):
-        utils.disable_dropout(model)
-        if args.gradient_checkpointing:
-            utils.enable_gradient_checkpointing(model.model if isinstance(model, utils.ScoreModel) else model)
-        return utils.wrap(model, process, args.fsdp, dtype)  # on the device; DDP or FSDP under torchrun
-
-    def critic(name, default):
-        """A critic reads the actor's tokens, so it needs the actor's tokenizer (the scorers need not)."""
-        path = os.path.join(output_dir, name) if args.resume else getattr(args, f"{name}_model") or default
-        hint = f"pass --{name}_model (e.g. the SFT model)"
-        if utils.load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
-            raise utils.UserError(f"{path} does not share the actor's tokenizer: {hint}")
-        if utils.is_original_score_model(AutoConfig.from_pretrained(path)):
-            raise utils.UserError(
-                f"{path} is in the original code's score format, which scores but is not trained here: {hint}"
-            )
-        return trainable(utils.load_score_model(path, tokenizer, new_head=True))
-
-    wrapped = {
-        "actor": trainable(
-            utils.load_causal_lm(output_dir if args.resume else args.actor_model_name_or_path, tokenizer)
-        )
-    }
-    reference = frozen(utils.load_causal_lm(args.actor_model_name_or_path, tokenizer))
-    reward_tokenizer = utils.load_tokenizer(args.reward_model)
-    reward_model = (frozen(utils.load_scorer(args.reward_model, reward_tokenizer)), reward_tokenizer)
-    utils.check_can_score(args.reward_model, reward_tokenizer, prompts[:64])
-    wrapped["reward_critic"] = critic("reward_critic", args.reward_model)
-    cost_model = None
-    if args.algorithm != "ppo":
-        cost_tokenizer = utils.load_tokenizer(args.cost_model)
-        cost_model = (frozen(utils.load_scorer(args.cost_model, cost_tokenizer)), cost_tokenizer)
-        utils.check_can_score(args.cost_model, cost_tokenizer, prompts[:64])
-    if lagrangian:
-        wrapped["cost_critic"] = critic("cost_critic", args.cost_model)
-    raw_models = {name: utils.unwrap(model) for name, model in wrapped.items()}  # without DDP's wrapper
-    actor = raw_models["actor"]
-    # AdamW as the original: betas (0.9, 0.95), no decay on biases and norms, warmup then cosine or constant.
+    # ------------------------------------------------------------------ models, optimizers, λ
+    trained, wrapped, frozen = load_models(args, process, tokenizer, prompts, output_dir if saved else None)
     updates_per_iteration = args.ppo_epochs * (args.rollout_batch_size // args.minibatch_size)
     optimizers, schedulers = {}, {}
-    for name, model in raw_models.items():
+    for name, model in trained.items():  # AdamW as the original, each with its warmup and schedule
         role = "actor" if name == "actor" else "critic"
+        settings = [getattr(args, f"{role}_{key}") for key in ("lr", "weight_decay")]
         optimizers[name], schedulers[name] = utils.optimizer_and_scheduler(
             model,
-            getattr(args, f"{role}_lr"),
-            getattr(args, f"{role}_weight_decay"),
+            *settings,
             args.warmup_ratio,
             iterations * updates_per_iteration,
             getattr(args, f"{role}_lr_schedule"),
         )
-
-    # ------------------------------------------------------------------ state: λ, episode costs, iteration
-    log_lambda = math.log(args.lambda_init) if lagrangian else -math.inf
-    # PID: the integral starts where K_I I = lambda_init, so both updates start from the same λ.
-    controller = {"integral": args.lambda_init / args.pid_ki if args.pid_ki else 0.0, "violation": 0.0, "cost": None}
-    # Ĵ_C's window: the last episode_cost_window episodes of all ranks, the same list on every rank.
-    episode_costs = deque(maxlen=args.episode_cost_window)
-    iteration = 0
-    if args.resume:
-        state = utils.load_training_state(output_dir)
-        if len(state["rng"]) != process.world_size:
-            raise utils.UserError(
-                f"{output_dir} was saved by a run on {len(state['rng'])} rank(s) and this one has {process.world_size}: "
-                "a PPO run resumes on as many ranks as it ran on (each rank's sampling RNG is part of the state)"
-            )
-        for name, optimizer in optimizers.items():
-            utils.load_optimizer_state(raw_models[name], optimizer, state["optimizers"][name])
-            schedulers[name].load_state_dict(state["schedulers"][name])
-        log_lambda, iteration = state["log_lambda"], state["iteration"]
-        controller = state["controller"]
-        episode_costs.extend(state["episode_costs"])
-        utils.set_rng_state(state["rng"][process.rank])
-        if process.is_main:
-            utils.trim_metrics(metrics_path, iteration)
-        utils.print0(f"resumed from {output_dir} at iteration {iteration}")
-    elif process.is_main and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a fresh run starts a fresh log
-    os.makedirs(output_dir, exist_ok=True)
-
-    def save():  # on every rank: FSDP gathers the shards
-        mine = (utils.rng_state(), log_lambda)  # every rank's RNG and λ
-        gathered = [mine]
-        if process.world_size > 1:
-            gathered = [None] * process.world_size
-            torch.distributed.all_gather_object(gathered, mine)
-        state = {
-            "optimizers": {name: utils.optimizer_state(raw_models[name], opt) for name, opt in optimizers.items()},
-            "schedulers": {name: scheduler.state_dict() for name, scheduler in schedulers.items()},
-            "log_lambda": log_lambda,
-            "controller": controller,
-            "iteration": iteration,
-            "episode_costs": list(episode_costs),
-            "rng": [rng for rng, _ in gathered],
-            "log_lambda_per_rank": [value for _, value in gathered],  # identical: every rank sees the same window
-            **utils.run_identity(args),  # the stage and its flags, which --resume checks
-        }
-        critics = {name: model.model for name, model in raw_models.items() if name != "actor"}
-        utils.save_checkpoint(output_dir, actor, tokenizer, state, submodels=critics)
+    multiplier = LagrangeMultiplier(args)
+    if saved:
+        multiplier.load_state_dict(saved)
+    metrics_path = utils.start_run(output_dir, saved, process, trained, optimizers, schedulers)
+    iteration = saved.get("step", 0)
 
     # ------------------------------------------------------------------ the loop
     last_iteration = iterations if args.max_iterations < 0 else min(iterations, args.max_iterations)
-    bar = utils.progress(total=iterations, initial=iteration, desc=args.algorithm)
+    bar = tqdm(total=iterations, initial=iteration, desc=args.algorithm, disable=not process.is_main)
     started = time.time()
     while iteration < last_iteration:
-        # Prompts: epochs of seeded shuffles of the prompt set; each rank takes its slice of the batch.
+        # Prompts: epochs of seeded shuffles of the prompt set; each rank takes its slice of the global batch.
         positions = range(iteration * args.rollout_batch_size, (iteration + 1) * args.rollout_batch_size)
         batch_prompts = [prompts[prompt_order(len(prompts), args.seed, p)] for p in positions]
         batch_prompts = batch_prompts[process.rank * per_rank : (process.rank + 1) * per_rank]
         iteration_started = time.time()
-        models = dict(actor=actor, reference=reference, reward=reward_model, cost=cost_model)
-        models.update(reward_critic=raw_models["reward_critic"], cost_critic=raw_models.get("cost_critic"))
-        episodes = rollout(args, models, tokenizer, batch_prompts, dtype)
+        models = dict(actor=trained["actor"], reward_critic=trained["reward_critic"], **frozen)
+        models.update(cost_critic=trained.get("cost_critic"), cost=frozen.get("cost"))
+        episodes = rollout(args, models, tokenizer, batch_prompts, process)
         episodes.stats["rollout_seconds"] = time.time() - iteration_started
 
-        # λ first, as the original: gradient ascent on the dual with Ĵ_C, the mean cost of the window that
-        # now holds this batch's episodes (every rank's, in the order of the global batch).
-        episode_costs.extend(utils.all_gather(episodes.cost).tolist())
-        episode_cost = sum(episode_costs) / len(episode_costs)
-        if lagrangian and iteration >= args.lambda_update_delay and args.lambda_update == "pid":
-            lagrange_multiplier, controller = pid_lagrange_multiplier_update(
-                controller, episode_cost, args.threshold, args.pid_kp, args.pid_ki, args.pid_kd, args.pid_smoothing,
-                args.lambda_max,
-            )  # fmt: skip
-            log_lambda = math.log(lagrange_multiplier) if lagrange_multiplier > 0 else -math.inf
-        elif lagrangian and iteration >= args.lambda_update_delay:
-            log_lambda = lagrange_multiplier_update(
-                log_lambda, episode_cost, args.threshold, args.lambda_lr, args.lambda_max
-            )
+        # λ first, as the original: one step on Ĵ_C, the mean cost of the window that now holds this batch's
+        # episodes (every rank's, in the order of the global batch); the update below uses the new λ.
+        costs = torch.zeros(args.rollout_batch_size, device=process.device)
+        costs[process.rank * per_rank : (process.rank + 1) * per_rank] = episodes.cost
+        episode_cost = multiplier.update(utils.all_reduce_sum(costs).tolist(), iteration)
 
         # PPO with the new λ: epochs of shuffled minibatches; each rank updates on its rows of each.
-        for model in raw_models.values():
+        for model in trained.values():
             model.train()
         update_stats, n_updates = torch.zeros(len(UPDATE_STATISTICS), device=process.device), 0
         for _ in range(args.ppo_epochs):
             permutation = torch.randperm(per_rank).tolist()
             for start in range(0, per_rank, minibatch_per_rank):
                 update_step = iteration * updates_per_iteration + n_updates
-                ptx_batches, n_ptx_tokens = ptx_minibatch(
-                    args, ptx_examples, update_step, process, tokenizer.pad_token_id
-                )
+                ptx = ptx_minibatch(args, ptx_examples, update_step, process, tokenizer.pad_token_id)
+                rows = permutation[start : start + minibatch_per_rank]
                 minibatch_stats = ppo_update(
-                    args, wrapped, optimizers, schedulers, episodes, permutation[start : start + minibatch_per_rank],
-                    args.minibatch_size, math.exp(log_lambda), ptx_batches, n_ptx_tokens, dtype,
+                    args, process, wrapped, optimizers, schedulers, episodes, rows, multiplier.value, ptx,
                     f"iteration {iteration + 1}: ",
                 )  # fmt: skip
                 update_stats += torch.stack(list(minibatch_stats.values()))
@@ -749,43 +738,39 @@ def main(args):
 
         # ------------------------------------------------------------------ logging
         update_stats = utils.all_reduce_sum(update_stats) / n_updates  # means over the minibatches
-        stats = episodes.stats
-        rollout_stats = utils.all_reduce_sum(torch.tensor(list(stats.values()), device=process.device))
-        record = {
-            "step": iteration,
-            "split": "train",
-            **dict(zip(stats, (rollout_stats / process.world_size).tolist())),
-        }
-        record.update(dict(zip(UPDATE_STATISTICS, update_stats.tolist())))
+        rollout_stats = utils.all_reduce_sum(torch.tensor(list(episodes.stats.values()), device=process.device))
+        record = {"step": iteration, "split": "train"}
+        record.update(zip(episodes.stats, (rollout_stats / process.world_size).tolist()))
+        record.update(zip(UPDATE_STATISTICS, update_stats.tolist()))
         record.update(episode_cost=episode_cost, threshold=args.threshold, seconds=time.time() - iteration_started)
-        record["lambda"] = math.exp(log_lambda)  # the λ of this iteration's update; 0 for PPO and reward shaping
-        record["actor_lr"] = schedulers["actor"].get_last_lr()[0]
+        record.update(
+            {"lambda": multiplier.value, "actor_lr": schedulers["actor"].get_last_lr()[0]}
+        )  # λ: 0 but PPO-Lag
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.2f}", cost=f"{record['cost']:.2f}", lam=f"{record['lambda']:.2f}")
         if process.is_main:
             utils.log_metrics(metrics_path, record)
             if iteration % args.sample_every == 0 or iteration == 1:
-                rewards, costs = episodes.reward.tolist(), episodes.cost.tolist()
-                samples = [
-                    {"prompt": p, "response": r, "reward": round(rw, 3), "cost": round(c, 3)}
-                    for p, r, rw, c in list(zip(batch_prompts, episodes.texts, rewards, costs))[:3]
-                ]
+                samples = zip(batch_prompts, episodes.texts, episodes.reward.tolist(), episodes.cost.tolist())
+                samples = [dict(prompt=p, response=r, reward=round(rw, 3), cost=round(c, 3)) for p, r, rw, c in list(samples)[:3]]  # fmt: skip
                 utils.log_metrics(metrics_path, {"step": iteration, "split": "samples", "samples": samples})
         stop = iteration < last_iteration and utils.stop_requested(process)  # SIGTERM: save, then stop
         if iteration % args.save_every == 0 or iteration == last_iteration or stop:
-            save()
+            state = dict(step=iteration, **multiplier.state_dict())
+            utils.save_checkpoint(output_dir, tokenizer, trained, optimizers, schedulers, args, **state)
         if stop:
-            raise utils.Preempted(f"iteration {iteration}", output_dir)
+            raise utils.Preempted(f"after iteration {iteration}", output_dir)
     bar.close()
+    if process.is_main:
+        plot_training_curves(metrics_path, output_dir)
 
     # ------------------------------------------------------------------ a look at the policy
     if eval_rows and (process.is_main or args.fsdp):  # FSDP: every rank takes part
-        summary = sample_and_judge(actor, tokenizer, eval_rows, args.max_prompt_length, args.max_new_tokens)
+        summary = sample_and_judge(trained["actor"], tokenizer, eval_rows, args.max_prompt_length, args.max_new_tokens)
         if summary and process.is_main:
             utils.log_metrics(metrics_path, {"step": iteration, "split": "eval", **summary})
             utils.print0("judge on greedy answers: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
     utils.print0(f"saved to {output_dir} after {iteration} iterations in {time.time() - started:.0f}s")
-    utils.cleanup_distributed()
 
 
 if __name__ == "__main__":

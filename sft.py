@@ -5,19 +5,22 @@ r"""Stage 1: supervised fine-tuning on conversations (the paper's Alpaca-7B star
     python sft.py --resume                            # continue an interrupted run in output/sft
     torchrun --nproc_per_node=8 sft.py                # the same run on 8 ranks (same global batch)
 
-The paper's 7B setup on 8 GPUs, every stage with the original hyperparameters: README.md, "Real models on GPUs".
+The paper's 7B setup on 8 GPUs, with the original's hyperparameters and where ours differ: docs/gpu.md.
 
 The loss is the next-token cross-entropy on response tokens only (the prompt is masked); every
 response ends with EOS so the model learns to stop. `python sft.py --help` lists every flag.
 """
 
 import json
-import os
+import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import transformers
+from tqdm import tqdm
 
 import utils
 
@@ -39,7 +42,7 @@ class Args:
     output_dir: str = "output/sft"
     """where the checkpoint, training state and metrics.jsonl go"""
     max_length: int = 64
-    """tokens per conversation (prompt + response + EOS); longer ones are cut"""
+    """tokens per conversation (prompt + response + EOS); longer ones are cut on the right, as the original"""
     epochs: int = 4
     """passes over the data"""
     batch_size: int = 32
@@ -54,7 +57,7 @@ class Args:
     """share of steps with linear warmup before the cosine decay"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """float32, bfloat16 (mixed precision), or auto: bf16 on a GPU that has it, fp32 on CPU"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
@@ -100,23 +103,22 @@ def make_examples(tokenizer, rows, max_length):
 
 def collate(examples, pad_token_id, device):
     input_ids, attention_mask = utils.batch_inputs([ids for ids, _ in examples], pad_token_id, device)
-    labels = utils.pad([labels for _, labels in examples], -100).to(device)
+    labels, _ = utils.batch_inputs([labels for _, labels in examples], -100, device)
     return input_ids, attention_mask, labels
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples, pad_token_id, dtype, batch_size, process):
+def evaluate_loss(model, examples, pad_token_id, batch_size, process):
     """Mean response-token loss over the eval set; each rank takes a slice, sums are all-reduced."""
     model.eval()
     totals = torch.zeros(2, device=process.device)  # (summed loss, token count)
     # Every rank runs as many batches (FSDP gathers weights in each forward): fillers have no label.
-    mine = [
-        examples[i] if i >= 0 else (examples[0][0], [-100] * len(examples[0][0]))
-        for i in utils.my_share(len(examples), process)
-    ]
+    mine = list(range(process.rank, len(examples), process.world_size))
+    mine += [-1] * (math.ceil(len(examples) / process.world_size) - len(mine))
+    mine = [examples[i] if i >= 0 else (examples[0][0], [-100] * len(examples[0][0])) for i in mine]
     for start in range(0, len(mine), batch_size):
         input_ids, attention_mask, labels = collate(mine[start : start + batch_size], pad_token_id, process.device)
-        with utils.autocast(process.device, dtype):
+        with process.autocast():
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         totals += torch.stack([sft_loss_sum(logits, labels), (labels[:, 1:] != -100).sum().float()])
     utils.all_reduce_sum(totals)
@@ -126,18 +128,17 @@ def evaluate_loss(model, examples, pad_token_id, dtype, batch_size, process):
 
 @torch.no_grad()
 def sample_and_judge(model, tokenizer, prompt_rows, max_prompt_length, max_new_tokens):
-    """Greedy answers to a few prompts (printed); for toy-world prompts, the judge's verdict on all."""
+    """Greedy answers to the prompts (three printed); for toy-world prompts, the judge's verdict on all of them."""
     from toy_world import world
 
     model.eval()
-    prompts = [row["prompt"] for row in prompt_rows]
-    responses, ends_with_eos = [], []
+    prompts, responses, ends_with_eos = [row["prompt"] for row in prompt_rows], [], []
     for start in range(0, len(prompts), 64):
-        prompt_ids = [utils.tokenize_prompt(tokenizer, p, max_prompt_length) for p in prompts[start : start + 64]]
-        sequences, prompt_length = utils.generate(model, tokenizer, prompt_ids, max_new_tokens, greedy=True)
-        for ids in utils.response_lists(sequences, prompt_length, tokenizer.eos_token_id):
-            ends_with_eos.append(ids[-1] == tokenizer.eos_token_id)
-            responses.append(tokenizer.decode(ids, skip_special_tokens=True))
+        ids = [utils.tokenize_conversation(tokenizer, p, None, max_prompt_length)[0] for p in prompts[start:][:64]]
+        sequences, prompt_length = utils.generate(model, tokenizer, ids, max_new_tokens, greedy=True)
+        for row in sequences[:, prompt_length:].tolist():
+            ends_with_eos.append(tokenizer.eos_token_id in row)
+            responses.append(tokenizer.decode(row, skip_special_tokens=True))
     for prompt, response in list(zip(prompts, responses))[:3]:
         utils.print0(f"  USER: {prompt}\n  ASSISTANT: {response}")
     if not all(world.task_of_prompt(p) for p in prompts):
@@ -152,77 +153,58 @@ def sample_and_judge(model, tokenizer, prompt_rows, max_prompt_length, max_new_t
 
 def main(args):
     # ------------------------------------------------------------------ setup
-    process = utils.setup_distributed()
-    dtype = utils.resolve_dtype(args.dtype, process.device)
+    process = utils.setup_distributed(args.dtype)
     # The same global batch at any number of ranks: each rank takes its share.
     per_rank = utils.rank_share(args.batch_size, process.world_size, "batch_size")
-    utils.seed_everything(args.seed)
-    if args.resume:
-        utils.check_resume(args.output_dir, args)  # the same stage and flags, or a clear stop
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    transformers.set_seed(args.seed)
+    saved = utils.check_resume(args, args.output_dir)  # {}, or a checkpoint of this run to continue
 
     # ------------------------------------------------------------------ data
     tokenizer = utils.load_tokenizer(args.model_name_or_path)
     train = make_examples(tokenizer, utils.load_rows(args.dataset, "sft", args.dataset_split), args.max_length)
     evaluation = []
     if args.eval_dataset != "none":
-        evaluation = make_examples(
-            tokenizer, utils.load_rows(args.eval_dataset, "sft", args.eval_split), args.max_length
-        )
+        rows = utils.load_rows(args.eval_dataset, "sft", args.eval_split)
+        evaluation = make_examples(tokenizer, rows, args.max_length)
     sample_rows = utils.load_rows(args.sample_prompts, "prompt") if args.sample_prompts != "none" else []
     total_steps = len(train) // args.batch_size * args.epochs  # the last partial batch is dropped
     if total_steps == 0:
-        raise utils.UserError(
-            f"{args.dataset}: {len(train)} conversations, fewer than one batch (--batch_size {args.batch_size})"
-        )
-    utils.print0(
-        f"{len(train)} training conversations, {total_steps} steps of {args.batch_size}, {process.world_size} rank(s)"
-    )
+        raise utils.UserError(f"{args.dataset}: {len(train)} conversations, fewer than one batch of {args.batch_size}")
+    utils.print0(f"{len(train)} conversations, {total_steps} steps of {args.batch_size}, {process.world_size} rank(s)")
 
     # ------------------------------------------------------------------ model and optimizer
-    source = args.output_dir if args.resume else args.model_name_or_path
-    model = utils.load_causal_lm(source, tokenizer)
-    if args.gradient_checkpointing:
-        utils.enable_gradient_checkpointing(model)
-    model.train()
-    model = utils.wrap(model, process, args.fsdp, dtype)  # on the device; DDP or FSDP under torchrun
-    raw_model = utils.unwrap(model)
+    model = utils.load_model(args.output_dir if saved else args.model_name_or_path, tokenizer).train()
+    wrapped = utils.wrap(model, process, args)  # on the device; DDP or FSDP under torchrun
     optimizer, scheduler = utils.optimizer_and_scheduler(
-        raw_model, args.learning_rate, args.weight_decay, args.warmup_ratio, total_steps
+        model, args.learning_rate, args.weight_decay, args.warmup_ratio, total_steps
     )
-    step = utils.restore_training_state(args.output_dir, raw_model, optimizer, scheduler) if args.resume else 0
-    if args.resume and process.is_main:
-        utils.trim_metrics(metrics_path, step)  # lines logged after that checkpoint are redone
-    if not args.resume and process.is_main and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a fresh run starts a fresh log
-    os.makedirs(args.output_dir, exist_ok=True)
-
-    def save():  # on every rank: FSDP gathers the shards
-        state = utils.training_state(raw_model, optimizer, scheduler, step, args)
-        utils.save_checkpoint(args.output_dir, raw_model, tokenizer, state)
+    trained = dict(models={"model": model}, optimizers={"model": optimizer}, schedulers={"model": scheduler})
+    metrics_path = utils.start_run(args.output_dir, saved, process, **trained)
+    step = saved.get("step", 0)
 
     # ------------------------------------------------------------------ training loop
     last_step = total_steps if args.max_steps < 0 else min(total_steps, args.max_steps)
-    bar = utils.progress(total=total_steps, initial=step, desc="sft")
+    bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not process.is_main)
     started, tokens_seen = time.time(), 0
     while step < last_step:
         batch = [train[i] for i in utils.global_batch(len(train), args.batch_size, args.seed, step)]
         # The loss is the mean over all response tokens of the global batch, however it is split.
         n_tokens = sum(sum(label != -100 for label in labels[1:]) for _, labels in batch)
         mine = batch[process.rank * per_rank : (process.rank + 1) * per_rank]
-        chunks = utils.micro_batches(mine, args.micro_batch_size)  # micro_batch_size is an upper bound
+        chunks = [mine[i : i + args.micro_batch_size] for i in range(0, per_rank, args.micro_batch_size)]
         train_loss = torch.zeros((), device=process.device)
         for micro_step, chunk in enumerate(chunks):
             input_ids, attention_mask, labels = collate(chunk, tokenizer.pad_token_id, process.device)
-            utils.set_gradient_sync(model, micro_step, len(chunks))
-            with utils.autocast(process.device, dtype):
-                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+            # DDP all-reduces gradients after the last micro step only (FSDP reduce-scatters after each).
+            wrapped.require_backward_grad_sync = micro_step == len(chunks) - 1
+            with process.autocast():
+                logits = wrapped(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
             loss = sft_loss_sum(logits, labels) / n_tokens
             # DDP and FSDP average gradients over ranks; undo that so they are of the global-batch mean.
             (loss * process.world_size).backward()
             train_loss += loss.detach()
             tokens_seen += attention_mask.sum().item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         utils.check_finite(grad_norm, f"step {step + 1}")
         optimizer.step()
         scheduler.step()
@@ -238,25 +220,24 @@ def main(args):
             if process.is_main:
                 utils.log_metrics(metrics_path, record)
         if evaluation and (step % args.eval_every == 0 or step == last_step):
-            eval_loss = evaluate_loss(model, evaluation, tokenizer.pad_token_id, dtype, args.micro_batch_size, process)
+            eval_loss = evaluate_loss(wrapped, evaluation, tokenizer.pad_token_id, args.micro_batch_size, process)
             if process.is_main:
                 bar.write(f"step {step}: eval loss {eval_loss:.4f}")
                 utils.log_metrics(metrics_path, {"step": step, "split": "eval", "loss": eval_loss})
         stop = step < last_step and utils.stop_requested(process)  # SIGTERM: save, then stop
         if step % args.save_every == 0 or step == last_step or stop:
-            save()
+            utils.save_checkpoint(args.output_dir, tokenizer, **trained, args=args, step=step)
         if stop:
-            raise utils.Preempted(f"step {step}", args.output_dir)
+            raise utils.Preempted(f"after step {step}", args.output_dir)
     bar.close()
 
     # ------------------------------------------------------------------ a look at what it learned
     if sample_rows and step == total_steps and (process.is_main or args.fsdp):  # FSDP: all ranks
-        summary = sample_and_judge(raw_model, tokenizer, sample_rows, args.max_length, args.max_length)
+        summary = sample_and_judge(model, tokenizer, sample_rows, args.max_length, args.max_length)
         if summary and process.is_main:
             utils.log_metrics(metrics_path, {"step": step, "split": "eval", **summary})
             utils.print0("judge on greedy answers: " + json.dumps({k: round(v, 3) for k, v in summary.items()}))
     utils.print0(f"saved to {args.output_dir} after {step} steps in {time.time() - started:.0f}s")
-    utils.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -5,21 +5,23 @@ r"""Stage 3: the cost model C, trained on harmlessness pairs with the BT loss pl
     python train_cost.py --resume                         # continue an interrupted run
     torchrun --nproc_per_node=8 train_cost.py             # the same run on 8 ranks (same global batch)
 
-The paper's 7B setup on 8 GPUs, every stage with the original hyperparameters: README.md, "Real models on GPUs".
+The paper's 7B setup on 8 GPUs, with the original's hyperparameters and where ours differ: docs/gpu.md.
 
-Sign convention: C > 0 means unsafe. `y_w` is the MORE HARMFUL response of a pair (the one not
-named by `safer_response_id`) and s(y) = +1 for a harmful response, -1 for a harmless one (from
-`is_response_k_safe`). The score model is utils.ScoreModel, read at the last real token. After
-training, this file draws the paper's two figures of the cost model: the cost distribution of safe
-and unsafe responses, and reward vs cost.
+C > 0 means unsafe. y_w is the MORE HARMFUL response of a pair and s(y) = +1 for a harmful response, -1 for a
+harmless one. The score is read at the last real token (utils.ScoreModel). After training, this file draws the
+paper's figures of the cost model: the cost distribution of safe and unsafe responses, and reward vs cost.
 """
 
+import math
 import os
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import transformers
+from tqdm import tqdm
 
 import utils
 
@@ -40,10 +42,10 @@ class Args:
     """split of a hub eval dataset"""
     output_dir: str = "output/cost"
     """where the checkpoint, training state, metrics.jsonl and figures go"""
-    contradictions: str = "skip"
-    """rows whose safer response is labelled unsafe while the other is labelled safe: 'skip' them (counted and reported) or 'stop'"""
+    contradictions: Literal["skip", "stop"] = "skip"
+    """rows whose safer response is labelled unsafe and the other safe: 'skip' them (counted) or 'stop'"""
     reward_model: str = "output/reward"
-    """reward model for the reward-vs-cost figure (skipped if the folder does not exist)"""
+    """reward model for the reward-vs-cost figure (skipped unless a folder with the cost model's tokenizer)"""
     max_length: int = 128
     """tokens per prompt + response (+ EOS); longer ones are cut (the longest toy pair has 97)"""
     epochs: int = 2
@@ -62,7 +64,7 @@ class Args:
     """gradient clipping"""
     regularization: float = 0.0
     """L2 penalty on the end scores, keeps them near 0 (the original code uses 0.001 for its 7B models)"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """float32, bfloat16 (mixed precision), or auto: bf16 on a GPU that has it, fp32 on CPU"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
@@ -99,243 +101,161 @@ def cost_loss(more_harmful_costs, less_harmful_costs, more_harmful_signs, less_h
     return loss
 
 
-@dataclass
-class CostPair:
-    """A harmlessness comparison: the prompt x, y_w the MORE HARMFUL response, y_l the other one, and
-    their signs s = +1 (harmful) or -1 (harmless)."""
-
-    prompt: str
-    more_harmful: str
-    less_harmful: str
-    more_harmful_sign: int
-    less_harmful_sign: int
-
-
-def is_contradictory(row):
-    """The safer response is labelled unsafe while the other one is labelled safe."""
-    safer = row["safer_response_id"]
-    return not row[f"is_response_{safer}_safe"] and row[f"is_response_{1 - safer}_safe"]
-
-
-def cost_pairs(rows, contradictions="skip", where="data"):
-    """A CostPair per row; rows that contradict themselves are skipped (counted) or stop the run."""
-    bad = [i for i, row in enumerate(rows) if is_contradictory(row)]
-    if bad:
+def cost_pairs(tokenizer, rows, max_length, contradictions="skip", where="data"):
+    """Each row as a harmlessness comparison: the token ids (prompt + response + EOS, cut at max_length) of y_w, the
+    MORE HARMFUL response (the one not named by safer_response_id), and of y_l, with their signs s = +1 (harmful)
+    or -1 (harmless). A row whose safer response is labelled unsafe and the other safe contradicts itself:
+    skipped (counted), or with contradictions="stop" a stop."""
+    pairs, contradictory = [], []
+    for i, row in enumerate(rows, 1):
+        responses = [1 - row["safer_response_id"], row["safer_response_id"]]  # y_w, y_l
+        signs = [-1 if row[f"is_response_{k}_safe"] else +1 for k in responses]  # s(y_w), s(y_l)
+        if signs == [-1, +1]:
+            contradictory.append(i)
+            continue
+        ids = [
+            utils.tokenize_conversation(tokenizer, row["prompt"], row[f"response_{k}"], max_length)[0]
+            for k in responses
+        ]
+        pairs.append(
+            dict(more_harmful=ids[0], less_harmful=ids[1], more_harmful_sign=signs[0], less_harmful_sign=signs[1])
+        )
+    if contradictory:
         message = (
-            f"{where}: {len(bad)} of {len(rows)} rows contradict themselves (the safer response is labelled "
-            f"unsafe and the other safe), e.g. rows {[i + 1 for i in bad[:5]]}"
+            f"{where}: {len(contradictory)} of {len(rows)} rows contradict themselves (the safer response is labelled "
+            f"unsafe and the other safe), e.g. rows {contradictory[:5]}"
         )
         if contradictions == "stop":
-            raise utils.DataError(message + "; pass --contradictions skip to leave them out")
+            raise utils.UserError(message + "; pass --contradictions skip to leave them out")
         utils.print0(message + ": skipped")
-    pairs, skip = [], set(bad)
-    sign = {True: -1, False: +1}  # is safe -> s
-    for i, row in enumerate(rows):
-        if i in skip:
-            continue
-        harmful_id = 1 - row["safer_response_id"]
-        pairs.append(
-            CostPair(
-                row["prompt"],
-                row[f"response_{harmful_id}"],
-                row[f"response_{1 - harmful_id}"],
-                sign[row[f"is_response_{harmful_id}_safe"]],
-                sign[row[f"is_response_{1 - harmful_id}_safe"]],
-            )
-        )
     return pairs
 
 
-def tokenize_pairs(tokenizer, pairs, max_length):
-    """Token ids of both conversations of each pair (prompt + response + EOS, cut to max_length) and the signs."""
-    return [
-        {
-            "more_harmful": utils.tokenize_conversation(tokenizer, pair.prompt, pair.more_harmful, max_length)[0],
-            "less_harmful": utils.tokenize_conversation(tokenizer, pair.prompt, pair.less_harmful, max_length)[0],
-            "more_harmful_sign": pair.more_harmful_sign,
-            "less_harmful_sign": pair.less_harmful_sign,
-        }
-        for pair in pairs
-    ]
-
-
 # Copied from train_reward.pair_scores
-def pair_scores(model, first, second, pad_token_id, device, dtype):
+def pair_scores(model, first, second, tokenizer, process):
     """End scores of two lists of conversations (token ids), in one right-padded forward pass."""
-    input_ids, attention_mask = utils.batch_inputs(first + second, pad_token_id, device)  # (2B, T)
-    with utils.autocast(device, dtype):
-        scores = model(input_ids, attention_mask)  # (2B, T): a score at every token
-    end_scores = utils.end_of_sequence(scores, attention_mask)  # (2B,): the score at each last real token
+    input_ids, attention_mask = utils.batch_inputs(first + second, tokenizer.pad_token_id, process.device)  # (2B, T)
+    with process.autocast():
+        end_scores = model(input_ids, attention_mask, end=True)  # (2B,): the score at each last real token
     return end_scores[: len(first)], end_scores[len(first) :]
 
 
 # Copied from train_reward.score_all
 @torch.no_grad()
-def score_all(model, first, second, pad_token_id, device, dtype, batch_size, process):
+def score_all(model, first, second, tokenizer, batch_size, process):
     """End scores of every pair of conversations, each rank scoring a slice; gathered in the original order."""
     model.eval()
-    mine = utils.my_share(len(first), process)  # -1: a filler, scored and dropped (FSDP needs equal passes)
-    scores = torch.zeros(2, len(first), device=device)
+    mine = list(range(process.rank, len(first), process.world_size))  # this rank's; -1: fillers, so that every rank
+    mine += [-1] * (math.ceil(len(first) / process.world_size) - len(mine))  # runs as many passes (FSDP), scored last
+    scores = torch.zeros(2, len(first) + 1, device=process.device)
     for start in range(0, len(mine), batch_size):
         chunk = mine[start : start + batch_size]
-        a, b = pair_scores(
-            model, [first[max(i, 0)] for i in chunk], [second[max(i, 0)] for i in chunk], pad_token_id, device, dtype
-        )
-        real = torch.tensor(chunk) >= 0
-        kept = [i for i in chunk if i >= 0]
-        scores[0, kept], scores[1, kept] = a[real], b[real]
+        pair = pair_scores(model, [first[i] for i in chunk], [second[i] for i in chunk], tokenizer, process)
+        scores[:, chunk] = torch.stack(pair)
     model.train()
-    utils.all_reduce_sum(scores)  # every entry was filled by exactly one rank
-    return scores[0], scores[1]
+    utils.all_reduce_sum(scores)  # every real entry was filled by exactly one rank
+    return scores[0, :-1], scores[1, :-1]
 
 
-def evaluate_cost(model, pairs, pad_token_id, device, dtype, batch_size, process):
-    """Pairwise accuracy C(y_w) > C(y_l), sign accuracy (C > 0 exactly for harmful responses), cost mean/std."""
-    more_harmful, less_harmful = score_all(
-        model, [p["more_harmful"] for p in pairs], [p["less_harmful"] for p in pairs], pad_token_id, device, dtype,
-        batch_size, process,
-    )  # fmt: skip
-    costs = torch.cat([more_harmful, less_harmful])
-    signs = torch.tensor(
-        [p["more_harmful_sign"] for p in pairs] + [p["less_harmful_sign"] for p in pairs], device=costs.device
-    )
-    return {
-        "accuracy": (more_harmful > less_harmful).float().mean().item(),
-        "accuracy_sign": ((costs > 0) == (signs > 0)).float().mean().item(),
-        "cost_mean": costs.mean().item(),
-        "cost_std": costs.std().item(),
-    }
+def evaluate_cost(model, pairs, tokenizer, batch_size, process):
+    """Pairwise accuracy C(y_w) > C(y_l), sign accuracy (C > 0 exactly for harmful responses), cost mean/std; and
+    the costs of all responses (y_w's, then y_l's) with their labels, for the figures."""
+    first, second = [p["more_harmful"] for p in pairs], [p["less_harmful"] for p in pairs]
+    more_harmful, less_harmful = score_all(model, first, second, tokenizer, batch_size, process)
+    costs = torch.cat([more_harmful, less_harmful]).cpu()
+    harmful = torch.tensor([p[f"{k}_sign"] > 0 for k in ("more_harmful", "less_harmful") for p in pairs])
+    metrics = dict(accuracy=(more_harmful > less_harmful).float().mean().item(), cost_std=costs.std().item())
+    metrics.update(accuracy_sign=((costs > 0) == harmful).float().mean().item(), cost_mean=costs.mean().item())
+    return metrics, costs, harmful
 
 
-def plot_figures(args, cost_model, tokenizer):
-    """The paper's cost-model figures on the test responses: (b) cost distribution, (a) reward vs cost."""
+def plot_figures(output_dir, costs, harmful, rewards=None):
+    """The paper's figures of the cost model on test responses (`harmful`: their labels): the cost distribution of
+    safe and unsafe responses and, with the reward model's scores, reward vs cost. In output_dir/cost_model.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = utils.load_rows(args.eval_dataset, "preference", args.eval_split, args.dataset_subset or None)
-    texts = {(r["prompt"], r[f"response_{k}"]): r[f"is_response_{k}_safe"] for r in rows for k in (0, 1)}
-    prompts, responses = [p for p, _ in texts], [r for _, r in texts]
-    safe = torch.tensor(list(texts.values()))
-    cost_model.eval()
-    costs = utils.score_texts(cost_model, tokenizer, prompts, responses, args.max_length, args.max_length).cpu()
-
-    written = []
-
-    def save(figure, axis, name, title, ylabel):
-        """Both figures: the C = 0 line, labels, legend, then the PNG next to the checkpoint."""
-        axis.axvline(0, color="black", linestyle="--", linewidth=1)
-        axis.set(xlabel="cost C(y, x)", ylabel=ylabel, title=title)
-        axis.legend()
-        figure.tight_layout()
-        figure.savefig(os.path.join(args.output_dir, name), dpi=120)
-        plt.close(figure)
-        written.append(name)
-
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axes = plt.subplots(
+        1, 1 if rewards is None else 2, figsize=(6 if rewards is None else 11, 4.5), squeeze=False
+    )
     bins = torch.linspace(costs.min().item(), costs.max().item(), 40).tolist()
-    axis.hist(costs[safe].tolist(), bins=bins, alpha=0.6, color="tab:blue", label="safe")
-    axis.hist(costs[~safe].tolist(), bins=bins, alpha=0.6, color="tab:red", label="unsafe")
-    save(figure, axis, "cost_distribution.png", "Cost distribution (C > 0: unsafe)", "test responses")
-
-    if os.path.isdir(args.reward_model):
-        reward_tokenizer = utils.load_tokenizer(args.reward_model)
-        device = next(cost_model.parameters()).device
-        reward_model = utils.load_scorer(args.reward_model, reward_tokenizer).to(device).eval()
-        rewards = utils.score_texts(
-            reward_model, reward_tokenizer, prompts, responses, args.max_length, args.max_length
-        ).cpu()
-        figure, axis = plt.subplots(figsize=(5.5, 4.5))
-        axis.scatter(costs[safe], rewards[safe], s=8, alpha=0.6, color="tab:blue", label="safe")
-        axis.scatter(costs[~safe], rewards[~safe], s=8, alpha=0.6, color="tab:red", label="unsafe")
-        save(figure, axis, "reward_vs_cost.png", "Reward vs. cost of test responses", "reward R(y, x)")
-    utils.print0(f"figures: {', '.join(os.path.join(args.output_dir, f) for f in written)}")
+    for group, color, label in ((~harmful, "tab:blue", "safe"), (harmful, "tab:red", "unsafe")):
+        axes[0, 0].hist(costs[group].tolist(), bins=bins, alpha=0.6, color=color, label=label)
+        if rewards is not None:
+            axes[0, 1].scatter(costs[group], rewards[group], s=8, alpha=0.6, color=color, label=label)
+    for axis, ylabel in zip(axes[0], ("test responses", "reward R(y, x)")):
+        axis.axvline(0, color="black", linestyle="--", linewidth=1)  # C = 0: the boundary the sign term anchors
+        axis.set(xlabel="cost C(y, x)", ylabel=ylabel)
+        axis.legend()
+    figure.suptitle("The cost model on the test responses (C > 0: unsafe)")
+    figure.tight_layout()
+    figure.savefig(os.path.join(output_dir, "cost_model.png"), dpi=120)
+    plt.close(figure)
+    utils.print0(f"figure: {os.path.join(output_dir, 'cost_model.png')}")
 
 
 def main(args):
     # ------------------------------------------------------------------ setup
-    if args.contradictions not in ("skip", "stop"):
-        raise utils.UserError(f"--contradictions must be 'skip' or 'stop', got {args.contradictions!r}")
-    process = utils.setup_distributed()
-    dtype = utils.resolve_dtype(args.dtype, process.device)
+    process = utils.setup_distributed(args.dtype)
     # The same global batch at any number of ranks: each rank takes its share.
     per_rank = utils.rank_share(args.batch_size, process.world_size, "batch_size")
-    utils.seed_everything(args.seed)
-    if args.resume:
-        utils.check_resume(args.output_dir, args)  # the same stage and flags, or a clear stop
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    transformers.set_seed(args.seed)
+    saved = utils.check_resume(args, args.output_dir)  # {}, or a checkpoint of this run to continue
 
     # ------------------------------------------------------------------ data
     tokenizer = utils.load_tokenizer(args.model_name_or_path)
     subset = args.dataset_subset or None
     train_rows = utils.load_rows(args.dataset, "preference", args.dataset_split, subset)
-    train_pairs = tokenize_pairs(tokenizer, cost_pairs(train_rows, args.contradictions, args.dataset), args.max_length)
+    train_pairs = cost_pairs(tokenizer, train_rows, args.max_length, args.contradictions, args.dataset)
     eval_pairs = []
     if args.eval_dataset != "none":
         eval_rows = utils.load_rows(args.eval_dataset, "preference", args.eval_split, subset)
-        eval_pairs = tokenize_pairs(
-            tokenizer, cost_pairs(eval_rows, args.contradictions, args.eval_dataset), args.max_length
-        )
+        eval_pairs = cost_pairs(tokenizer, eval_rows, args.max_length, args.contradictions, args.eval_dataset)
     total_steps = len(train_pairs) // args.batch_size * args.epochs
     if total_steps == 0:
-        raise utils.UserError(
-            f"{args.dataset}: {len(train_pairs)} pairs, fewer than one batch (--batch_size {args.batch_size})"
-        )
-    utils.print0(
-        f"{len(train_pairs)} training pairs, {total_steps} steps of {args.batch_size}, {process.world_size} rank(s)"
-    )
+        raise utils.UserError(f"{args.dataset}: {len(train_pairs)} pairs, fewer than one batch of {args.batch_size}")
+    utils.print0(f"{len(train_pairs)} pairs, {total_steps} steps of {args.batch_size}, {process.world_size} rank(s)")
 
     # ------------------------------------------------------------------ model and optimizer
-    source = args.output_dir if args.resume else args.model_name_or_path
-    model = utils.load_score_model(source, tokenizer, new_head=True)  # a new head on the SFT model
-    if args.gradient_checkpointing:
-        utils.enable_gradient_checkpointing(model.model)
-    model.train()
-    model = utils.wrap(model, process, args.fsdp, dtype)  # on the device; DDP or FSDP under torchrun
-    raw_model = utils.unwrap(model)
-    optimizer, scheduler = utils.optimizer_and_scheduler(
-        raw_model, args.learning_rate, args.weight_decay, args.warmup_ratio, total_steps
+    # A new score head on the SFT model (or a resumed score model).
+    model = utils.load_model(
+        args.output_dir if saved else args.model_name_or_path, tokenizer, score=True, new_head=True
     )
-    step = utils.restore_training_state(args.output_dir, raw_model, optimizer, scheduler) if args.resume else 0
-    if args.resume and process.is_main:
-        utils.trim_metrics(metrics_path, step)  # lines logged after that checkpoint are redone
-    if not args.resume and process.is_main and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a fresh run starts a fresh log
-    os.makedirs(args.output_dir, exist_ok=True)
-
-    def save():  # on every rank: FSDP gathers the shards
-        state = utils.training_state(raw_model, optimizer, scheduler, step, args)
-        utils.save_checkpoint(args.output_dir, raw_model.model, tokenizer, state)
+    wrapped = utils.wrap(model.train(), process, args)  # on the device; DDP or FSDP under torchrun
+    optimizer, scheduler = utils.optimizer_and_scheduler(
+        model, args.learning_rate, args.weight_decay, args.warmup_ratio, total_steps
+    )
+    trained = dict(models={"model": model}, optimizers={"model": optimizer}, schedulers={"model": scheduler})
+    metrics_path = utils.start_run(args.output_dir, saved, process, **trained)
+    step = saved.get("step", 0)
 
     # ------------------------------------------------------------------ training loop
     last_step = total_steps if args.max_steps < 0 else min(total_steps, args.max_steps)
-    bar = utils.progress(total=total_steps, initial=step, desc="cost")
+    bar = tqdm(total=total_steps, initial=step, desc="cost", disable=not process.is_main)
     started = time.time()
     while step < last_step:
         batch = [train_pairs[i] for i in utils.global_batch(len(train_pairs), args.batch_size, args.seed, step)]
         mine = batch[process.rank * per_rank : (process.rank + 1) * per_rank]
-        chunks = utils.micro_batches(mine, args.micro_batch_size)  # micro_batch_size is an upper bound
+        chunks = [mine[i : i + args.micro_batch_size] for i in range(0, per_rank, args.micro_batch_size)]
         totals = torch.zeros(2, device=process.device)  # (loss, accuracy) summed over micro steps
         for micro_step, chunk in enumerate(chunks):
-            utils.set_gradient_sync(model, micro_step, len(chunks))
-            more_harmful_costs, less_harmful_costs = pair_scores(
-                model, [p["more_harmful"] for p in chunk], [p["less_harmful"] for p in chunk], tokenizer.pad_token_id,
-                process.device, dtype,
-            )  # fmt: skip
-            signs = {
-                key: torch.tensor([p[key] for p in chunk], device=process.device, dtype=torch.float)
-                for key in ("more_harmful_sign", "less_harmful_sign")
-            }
+            # DDP all-reduces gradients after the last micro step only (FSDP reduce-scatters after each).
+            wrapped.require_backward_grad_sync = micro_step == len(chunks) - 1
+            first, second = [p["more_harmful"] for p in chunk], [p["less_harmful"] for p in chunk]
+            more_harmful_costs, less_harmful_costs = pair_scores(wrapped, first, second, tokenizer, process)
+            signs = torch.tensor(
+                [[p["more_harmful_sign"], p["less_harmful_sign"]] for p in chunk], device=process.device
+            )
             share = len(chunk) / per_rank  # the chunk's mean, weighted by its share of this rank's pairs
             loss = share * cost_loss(
-                more_harmful_costs, less_harmful_costs, signs["more_harmful_sign"], signs["less_harmful_sign"],
-                args.regularization,
-            )  # fmt: skip
+                more_harmful_costs, less_harmful_costs, signs[:, 0], signs[:, 1], args.regularization
+            )
             loss.backward()  # DDP and FSDP average over ranks: the gradient is that of the global-batch mean
             accuracy = (more_harmful_costs > less_harmful_costs).float().mean().detach()
             totals += torch.stack([loss.detach(), accuracy * share])
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         utils.check_finite(grad_norm, f"step {step + 1}")
         optimizer.step()
         scheduler.step()
@@ -344,34 +264,35 @@ def main(args):
         bar.update(1)
 
         if step % args.log_every == 0 or step == last_step:
-            utils.all_reduce_sum(totals)
-            loss, accuracy = (totals / process.world_size).tolist()
+            loss, accuracy = (utils.all_reduce_sum(totals) / process.world_size).tolist()
             bar.set_postfix(loss=f"{loss:.3f}", accuracy=f"{accuracy:.2f}")
             if process.is_main:
                 record = {"step": step, "split": "train", "loss": loss, "accuracy": accuracy}
                 utils.log_metrics(metrics_path, {**record, "lr": scheduler.get_last_lr()[0]})
         every = args.eval_every or len(train_pairs) // args.batch_size
         if eval_pairs and (step % every == 0 or step == last_step):
-            metrics = evaluate_cost(
-                model, eval_pairs, tokenizer.pad_token_id, process.device, dtype, args.micro_batch_size, process
-            )
+            metrics, costs, harmful = evaluate_cost(wrapped, eval_pairs, tokenizer, args.micro_batch_size, process)
             if process.is_main:
                 utils.log_metrics(metrics_path, {"step": step, "split": "eval", **metrics})
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         stop = step < last_step and utils.stop_requested(process)  # SIGTERM: save, then stop
         if step % args.save_every == 0 or step == last_step or stop:
-            save()
+            utils.save_checkpoint(args.output_dir, tokenizer, **trained, args=args, step=step)
         if stop:
-            raise utils.Preempted(f"step {step}", args.output_dir)
+            raise utils.Preempted(f"after step {step}", args.output_dir)
     bar.close()
     utils.print0(f"saved to {args.output_dir} after {step} steps in {time.time() - started:.0f}s")
 
     # ------------------------------------------------------------------ the paper's figures of the cost model
-    if process.is_main and eval_pairs:
-        # Rank 0 alone: a sharded model would wait for the other ranks, so it reads the saved one.
-        cost_model = utils.load_score_model(args.output_dir, tokenizer).to(process.device) if args.fsdp else raw_model
-        plot_figures(args, cost_model, tokenizer)
-    utils.cleanup_distributed()
+    if eval_pairs and step == total_steps:  # costs, harmful: from the evaluation at the last step
+        rewards = None
+        if os.path.isdir(args.reward_model) and utils.load_tokenizer(args.reward_model).vocab == tokenizer.vocab:
+            reward_model = utils.load_model(args.reward_model, tokenizer, score=True).requires_grad_(False)
+            first, second = [p["more_harmful"] for p in eval_pairs], [p["less_harmful"] for p in eval_pairs]
+            rewards = score_all(utils.wrap(reward_model, process, args), first, second, tokenizer, 64, process)
+            rewards = torch.cat(rewards).cpu()
+        if process.is_main:
+            plot_figures(args.output_dir, costs, harmful, rewards)
 
 
 if __name__ == "__main__":

@@ -5,19 +5,22 @@ r"""Stage 2: the reward model R, trained with the Bradley-Terry loss on helpfuln
     python train_reward.py --resume                       # continue an interrupted run
     torchrun --nproc_per_node=8 train_reward.py           # the same run on 8 ranks (same global batch)
 
-The paper's 7B setup on 8 GPUs, every stage with the original hyperparameters: README.md, "Real models on GPUs".
+The paper's 7B setup on 8 GPUs, with the original's hyperparameters and where ours differ: docs/gpu.md.
 
 The score model is the SFT backbone with a linear score head (utils.ScoreModel); a response's score
 is read at the last real token of `prompt + response` (its EOS). y_w is the response named by
 `better_response_id`, y_l the other one.
 """
 
-import os
+import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import transformers
+from tqdm import tqdm
 
 import utils
 
@@ -56,7 +59,7 @@ class Args:
     """gradient clipping"""
     regularization: float = 0.0
     """L2 penalty on the end scores, keeps them near 0 (the original code uses 0.001 for its 7B models)"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """float32, bfloat16 (mixed precision), or auto: bf16 on a GPU that has it, fp32 on CPU"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass to save memory"""
@@ -85,76 +88,50 @@ def reward_loss(better_rewards, worse_rewards, regularization=0.0):
     return loss
 
 
-@dataclass
-class Pair:
-    """A helpfulness comparison: the prompt x, y_w the more helpful response, y_l the other one."""
-
-    prompt: str
-    better: str
-    worse: str
-
-
-def reward_pairs(rows):
-    return [
-        Pair(
-            row["prompt"],
-            row[f"response_{row['better_response_id']}"],
-            row[f"response_{1 - row['better_response_id']}"],
+def reward_pairs(tokenizer, rows, max_length):
+    """Each row as a helpfulness comparison: the token ids of y_w, the response named by better_response_id, and of
+    y_l, the other one, each prompt + response + EOS cut at max_length."""
+    pairs = []
+    for row in rows:
+        better = row["better_response_id"]
+        texts = {"better": row[f"response_{better}"], "worse": row[f"response_{1 - better}"]}
+        pairs.append(
+            {
+                key: utils.tokenize_conversation(tokenizer, row["prompt"], text, max_length)[0]
+                for key, text in texts.items()
+            }
         )
-        for row in rows
-    ]
+    return pairs
 
 
-def tokenize_pairs(tokenizer, pairs, max_length):
-    """{"better": ids, "worse": ids} of each pair: prompt + response + EOS, cut to max_length."""
-    return [
-        {
-            "better": utils.tokenize_conversation(tokenizer, pair.prompt, pair.better, max_length)[0],
-            "worse": utils.tokenize_conversation(tokenizer, pair.prompt, pair.worse, max_length)[0],
-        }
-        for pair in pairs
-    ]
-
-
-def pair_scores(model, first, second, pad_token_id, device, dtype):
+def pair_scores(model, first, second, tokenizer, process):
     """End scores of two lists of conversations (token ids), in one right-padded forward pass."""
-    input_ids, attention_mask = utils.batch_inputs(first + second, pad_token_id, device)  # (2B, T)
-    with utils.autocast(device, dtype):
-        scores = model(input_ids, attention_mask)  # (2B, T): a score at every token
-    end_scores = utils.end_of_sequence(scores, attention_mask)  # (2B,): the score at each last real token
+    input_ids, attention_mask = utils.batch_inputs(first + second, tokenizer.pad_token_id, process.device)  # (2B, T)
+    with process.autocast():
+        end_scores = model(input_ids, attention_mask, end=True)  # (2B,): the score at each last real token
     return end_scores[: len(first)], end_scores[len(first) :]
 
 
 @torch.no_grad()
-def score_all(model, first, second, pad_token_id, device, dtype, batch_size, process):
+def score_all(model, first, second, tokenizer, batch_size, process):
     """End scores of every pair of conversations, each rank scoring a slice; gathered in the original order."""
     model.eval()
-    mine = utils.my_share(len(first), process)  # -1: a filler, scored and dropped (FSDP needs equal passes)
-    scores = torch.zeros(2, len(first), device=device)
+    mine = list(range(process.rank, len(first), process.world_size))  # this rank's; -1: fillers, so that every rank
+    mine += [-1] * (math.ceil(len(first) / process.world_size) - len(mine))  # runs as many passes (FSDP), scored last
+    scores = torch.zeros(2, len(first) + 1, device=process.device)
     for start in range(0, len(mine), batch_size):
         chunk = mine[start : start + batch_size]
-        a, b = pair_scores(
-            model, [first[max(i, 0)] for i in chunk], [second[max(i, 0)] for i in chunk], pad_token_id, device, dtype
-        )
-        real = torch.tensor(chunk) >= 0
-        kept = [i for i in chunk if i >= 0]
-        scores[0, kept], scores[1, kept] = a[real], b[real]
+        pair = pair_scores(model, [first[i] for i in chunk], [second[i] for i in chunk], tokenizer, process)
+        scores[:, chunk] = torch.stack(pair)
     model.train()
-    utils.all_reduce_sum(scores)  # every entry was filled by exactly one rank
-    return scores[0], scores[1]
+    utils.all_reduce_sum(scores)  # every real entry was filled by exactly one rank
+    return scores[0, :-1], scores[1, :-1]
 
 
-def evaluate_reward(model, pairs, pad_token_id, device, dtype, batch_size, process):
+def evaluate_reward(model, pairs, tokenizer, batch_size, process):
     """Preference accuracy (share of pairs with R(y_w) > R(y_l)) and the mean/std of all rewards."""
     better, worse = score_all(
-        model,
-        [p["better"] for p in pairs],
-        [p["worse"] for p in pairs],
-        pad_token_id,
-        device,
-        dtype,
-        batch_size,
-        process,
+        model, [p["better"] for p in pairs], [p["worse"] for p in pairs], tokenizer, batch_size, process
     )
     rewards = torch.cat([better, worse])
     return {
@@ -166,75 +143,60 @@ def evaluate_reward(model, pairs, pad_token_id, device, dtype, batch_size, proce
 
 def main(args):
     # ------------------------------------------------------------------ setup
-    process = utils.setup_distributed()
-    dtype = utils.resolve_dtype(args.dtype, process.device)
+    process = utils.setup_distributed(args.dtype)
     # The same global batch at any number of ranks: each rank takes its share.
     per_rank = utils.rank_share(args.batch_size, process.world_size, "batch_size")
-    utils.seed_everything(args.seed)
-    if args.resume:
-        utils.check_resume(args.output_dir, args)  # the same stage and flags, or a clear stop
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    transformers.set_seed(args.seed)
+    saved = utils.check_resume(args, args.output_dir)  # {}, or a checkpoint of this run to continue
 
     # ------------------------------------------------------------------ data
     tokenizer = utils.load_tokenizer(args.model_name_or_path)
     subset = args.dataset_subset or None
     train_rows = utils.load_rows(args.dataset, "preference", args.dataset_split, subset)
-    train_pairs = tokenize_pairs(tokenizer, reward_pairs(train_rows), args.max_length)
+    train_pairs = reward_pairs(tokenizer, train_rows, args.max_length)
     eval_pairs = []
     if args.eval_dataset != "none":
         eval_rows = utils.load_rows(args.eval_dataset, "preference", args.eval_split, subset)
-        eval_pairs = tokenize_pairs(tokenizer, reward_pairs(eval_rows), args.max_length)
+        eval_pairs = reward_pairs(tokenizer, eval_rows, args.max_length)
     total_steps = len(train_pairs) // args.batch_size * args.epochs
     if total_steps == 0:
-        raise utils.UserError(
-            f"{args.dataset}: {len(train_pairs)} pairs, fewer than one batch (--batch_size {args.batch_size})"
-        )
-    utils.print0(
-        f"{len(train_pairs)} training pairs, {total_steps} steps of {args.batch_size}, {process.world_size} rank(s)"
-    )
+        raise utils.UserError(f"{args.dataset}: {len(train_pairs)} pairs, fewer than one batch of {args.batch_size}")
+    utils.print0(f"{len(train_pairs)} pairs, {total_steps} steps of {args.batch_size}, {process.world_size} rank(s)")
 
     # ------------------------------------------------------------------ model and optimizer
-    source = args.output_dir if args.resume else args.model_name_or_path
-    model = utils.load_score_model(source, tokenizer, new_head=True)  # a new head on the SFT model
-    if args.gradient_checkpointing:
-        utils.enable_gradient_checkpointing(model.model)
-    model.train()
-    model = utils.wrap(model, process, args.fsdp, dtype)  # on the device; DDP or FSDP under torchrun
-    raw_model = utils.unwrap(model)
-    optimizer, scheduler = utils.optimizer_and_scheduler(
-        raw_model, args.learning_rate, args.weight_decay, args.warmup_ratio, total_steps
+    # A new score head on the SFT model (or a resumed score model).
+    model = utils.load_model(
+        args.output_dir if saved else args.model_name_or_path, tokenizer, score=True, new_head=True
     )
-    step = utils.restore_training_state(args.output_dir, raw_model, optimizer, scheduler) if args.resume else 0
-    if args.resume and process.is_main:
-        utils.trim_metrics(metrics_path, step)  # lines logged after that checkpoint are redone
-    if not args.resume and process.is_main and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a fresh run starts a fresh log
-    os.makedirs(args.output_dir, exist_ok=True)
-
-    def save():  # on every rank: FSDP gathers the shards
-        state = utils.training_state(raw_model, optimizer, scheduler, step, args)
-        utils.save_checkpoint(args.output_dir, raw_model.model, tokenizer, state)
+    wrapped = utils.wrap(model.train(), process, args)  # on the device; DDP or FSDP under torchrun
+    optimizer, scheduler = utils.optimizer_and_scheduler(
+        model, args.learning_rate, args.weight_decay, args.warmup_ratio, total_steps
+    )
+    trained = dict(models={"model": model}, optimizers={"model": optimizer}, schedulers={"model": scheduler})
+    metrics_path = utils.start_run(args.output_dir, saved, process, **trained)
+    step = saved.get("step", 0)
 
     # ------------------------------------------------------------------ training loop
     last_step = total_steps if args.max_steps < 0 else min(total_steps, args.max_steps)
-    bar = utils.progress(total=total_steps, initial=step, desc="reward")
+    bar = tqdm(total=total_steps, initial=step, desc="reward", disable=not process.is_main)
     started = time.time()
     while step < last_step:
         batch = [train_pairs[i] for i in utils.global_batch(len(train_pairs), args.batch_size, args.seed, step)]
         mine = batch[process.rank * per_rank : (process.rank + 1) * per_rank]
-        chunks = utils.micro_batches(mine, args.micro_batch_size)  # micro_batch_size is an upper bound
+        chunks = [mine[i : i + args.micro_batch_size] for i in range(0, per_rank, args.micro_batch_size)]
         totals = torch.zeros(2, device=process.device)  # (loss, accuracy) summed over micro steps
         for micro_step, chunk in enumerate(chunks):
-            utils.set_gradient_sync(model, micro_step, len(chunks))
+            # DDP all-reduces gradients after the last micro step only (FSDP reduce-scatters after each).
+            wrapped.require_backward_grad_sync = micro_step == len(chunks) - 1
+            better = [p["better"] for p in chunk]
             better_rewards, worse_rewards = pair_scores(
-                model, [p["better"] for p in chunk], [p["worse"] for p in chunk], tokenizer.pad_token_id,
-                process.device, dtype,
-            )  # fmt: skip
+                wrapped, better, [p["worse"] for p in chunk], tokenizer, process
+            )
             share = len(chunk) / per_rank  # the chunk's mean, weighted by its share of this rank's pairs
             loss = reward_loss(better_rewards, worse_rewards, args.regularization) * share
             loss.backward()  # DDP and FSDP average over ranks: the gradient is that of the global-batch mean
             totals += torch.stack([loss.detach(), (better_rewards > worse_rewards).float().mean().detach() * share])
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         utils.check_finite(grad_norm, f"step {step + 1}")
         optimizer.step()
         scheduler.step()
@@ -243,28 +205,24 @@ def main(args):
         bar.update(1)
 
         if step % args.log_every == 0 or step == last_step:
-            utils.all_reduce_sum(totals)
-            loss, accuracy = (totals / process.world_size).tolist()
+            loss, accuracy = (utils.all_reduce_sum(totals) / process.world_size).tolist()
             bar.set_postfix(loss=f"{loss:.3f}", accuracy=f"{accuracy:.2f}")
             if process.is_main:
                 record = {"step": step, "split": "train", "loss": loss, "accuracy": accuracy}
                 utils.log_metrics(metrics_path, {**record, "lr": scheduler.get_last_lr()[0]})
         every = args.eval_every or len(train_pairs) // args.batch_size
         if eval_pairs and (step % every == 0 or step == last_step):
-            metrics = evaluate_reward(
-                model, eval_pairs, tokenizer.pad_token_id, process.device, dtype, args.micro_batch_size, process
-            )
+            metrics = evaluate_reward(wrapped, eval_pairs, tokenizer, args.micro_batch_size, process)
             if process.is_main:
                 utils.log_metrics(metrics_path, {"step": step, "split": "eval", **metrics})
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         stop = step < last_step and utils.stop_requested(process)  # SIGTERM: save, then stop
         if step % args.save_every == 0 or step == last_step or stop:
-            save()
+            utils.save_checkpoint(args.output_dir, tokenizer, **trained, args=args, step=step)
         if stop:
-            raise utils.Preempted(f"step {step}", args.output_dir)
+            raise utils.Preempted(f"after step {step}", args.output_dir)
     bar.close()
     utils.print0(f"saved to {args.output_dir} after {step} steps in {time.time() - started:.0f}s")
-    utils.cleanup_distributed()
 
 
 if __name__ == "__main__":
