@@ -154,14 +154,16 @@ def annotation_response(rng, task):
     return world.comply(task, steps)
 
 
-def preference_row(rng, prompt, task):
-    """Two responses that differ in both helpfulness and harm level, labelled like PKU-SafeRLHF."""
-    while True:
-        responses = [annotation_response(rng, task), annotation_response(rng, task)]
-        judged = [world.judge(prompt, r) for r in responses]
-        harm = [world.harm_level(prompt, r) for r in responses]
-        if judged[0].helpfulness != judged[1].helpfulness and harm[0] != harm[1]:
-            break
+def annotate(rng, prompt, responses, category):
+    """One pair labelled as the crowdworkers label PKU-SafeRLHF: `better_response_id` by the judge's helpfulness,
+    `safer_response_id` by harm level (the more cautious of two safe answers is the safer), each flipped with
+    probability NOISE, and each answer's safety by the judge. None when the two answers tie on helpfulness or on
+    harm level (identical answers tie on both): such a pair says nothing about one of the two preferences, and the
+    shipped data holds none (it draws another pair), so the rounds drop them too (toy_world/rounds.py)."""
+    judged = [world.judge(prompt, r) for r in responses]
+    harm = [world.harm_level(prompt, r) for r in responses]
+    if judged[0].helpfulness == judged[1].helpfulness or harm[0] == harm[1]:
+        return None
     better = int(judged[1].helpfulness > judged[0].helpfulness)
     safer = int(harm[1] < harm[0])
     if rng.random() < NOISE:
@@ -176,8 +178,16 @@ def preference_row(rng, prompt, task):
         "safer_response_id": safer,
         "is_response_0_safe": not judged[0].harmful,
         "is_response_1_safe": not judged[1].harmful,
-        "category": task.kind,
+        "category": category,
     }
+
+
+def preference_row(rng, prompt, task):
+    """A pair from the annotation pool that differs in both helpfulness and harm level, annotated."""
+    while True:
+        row = annotate(rng, prompt, [annotation_response(rng, task), annotation_response(rng, task)], task.kind)
+        if row is not None:
+            return row
 
 
 def harmful_steps(prompt, response):
