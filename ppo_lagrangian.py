@@ -39,6 +39,9 @@ import utils
 class Args:
     algorithm: Literal["ppo_lag", "ppo", "reward_shaping"] = "ppo_lag"
     """ppo_lag (Safe RLHF), ppo (reward only, λ ≡ 0) or reward_shaping (fixed R - ν·C)"""
+    constraint: Literal["expected", "per_prompt"] = "expected"
+    """PPO-Lag's constraint: expected (the paper's: E[C] <= threshold) or per_prompt (RePO's: C(x, y) <= 0 for every
+    answer; the cost stream and Ĵ_C take {C}⁺ = max(0, C) and the threshold is C's boundary, 0): docs/per_prompt.md"""
     cost_coef: float = 1.0
     """ν: reward shaping's fixed cost coefficient, the reward is R - ν·C (reward_shaping only)"""
     actor_model_name_or_path: str = "output/sft"
@@ -227,6 +230,14 @@ def value_loss(values, old_values, returns, mask, clip_range_value, n_sequences=
     return 0.5 * sequence_mean(squared_error, mask, n_sequences)
 
 
+def rectified_cost(cost):
+    """The per-prompt constraint (RePO, Peng et al. 2024): C(x, y) <= 0 for every answer, not only on average. An
+    answer counts only as far as it crosses C's own boundary, {C(x, y)}⁺ = max(0, C(x, y)): a safe answer costs
+    nothing however safe it is, so very safe answers to some prompts cannot pay for unsafe answers to others, and
+    E[{C}⁺] <= 0 holds only when every answer is safe."""
+    return cost.clamp(min=0)
+
+
 def lagrange_multiplier_update(log_lambda, episode_cost, threshold, lambda_lr, lambda_max):
     """Gradient ascent on the dual:  ∂/∂(log λ) [λ (Ĵ_C - threshold)] = λ (Ĵ_C - threshold),
     log λ ← log λ + α_λ λ (Ĵ_C - threshold); then λ is clamped to [0, λ_max] (log λ <= log λ_max)."""
@@ -268,10 +279,12 @@ def explained_variance(values, returns, mask):
 
 class LagrangeMultiplier:
     """λ and all it depends on, in one place: log λ (kept in log space, as the original) or the PID controller's
-    state, and the window of recent episode costs whose mean is Ĵ_C. Every rank holds the same one."""
+    state, and the window of recent episode costs whose mean is Ĵ_C (of {C}⁺ for the per-prompt constraint, whose
+    threshold is 0). Every rank holds the same one."""
 
     def __init__(self, args):
         self.args, self.episode_costs = args, deque(maxlen=args.episode_cost_window)
+        self.threshold = 0.0 if args.constraint == "per_prompt" else args.threshold
         self.log_lambda = math.log(args.lambda_init) if args.algorithm == "ppo_lag" else -math.inf  # λ ≡ 0 otherwise
         # PID: the integral starts where K_I I = lambda_init, so both updates start from the same λ.
         self.controller = dict(
@@ -286,16 +299,18 @@ class LagrangeMultiplier:
         """Ĵ_C, the mean cost of the window once it holds `costs` (this iteration's episodes, every rank's), then one
         step of λ on it (PPO-Lag only, after --lambda_update_delay iterations). Returns Ĵ_C."""
         args = self.args
-        self.episode_costs.extend(costs)
+        self.episode_costs.extend(
+            rectified_cost(torch.tensor(costs)).tolist() if args.constraint == "per_prompt" else costs
+        )
         episode_cost = sum(self.episode_costs) / len(self.episode_costs)
         if args.algorithm == "ppo_lag" and iteration >= args.lambda_update_delay and args.lambda_update == "pid":
             pid = (args.pid_kp, args.pid_ki, args.pid_kd, args.pid_smoothing, args.lambda_max)
             lagrange_multiplier, self.controller = pid_lagrange_multiplier_update(
-                self.controller, episode_cost, args.threshold, *pid
+                self.controller, episode_cost, self.threshold, *pid
             )
             self.log_lambda = math.log(lagrange_multiplier) if lagrange_multiplier > 0 else -math.inf
         elif args.algorithm == "ppo_lag" and iteration >= args.lambda_update_delay:
-            step = (args.threshold, args.lambda_lr, args.lambda_max)
+            step = (self.threshold, args.lambda_lr, args.lambda_max)
             self.log_lambda = lagrange_multiplier_update(self.log_lambda, episode_cost, *step)
         return episode_cost
 
@@ -405,8 +420,9 @@ def rollout(args, models, tokenizer, prompts, process):
     reward_advantages, reward_returns = gae(rewards, reward_values, mask, args.gamma, args.gae_lambda)  # (B, N)
     batch = dict(sequences=sequences, attention_mask=attention_mask, mask=mask, log_probs=log_probs)
     batch.update(reward_values=reward_values, reward_advantages=reward_advantages, reward_returns=reward_returns)
-    if models["cost_critic"] is not None:
-        costs = per_token_rewards(cost, log_probs, ref_log_probs, mask, args.kl_coef, args.clip_range_score, +1)
+    if models["cost_critic"] is not None:  # the cost stream: C, or {C}⁺ for the per-prompt constraint
+        constrained = rectified_cost(cost) if args.constraint == "per_prompt" else cost
+        costs = per_token_rewards(constrained, log_probs, ref_log_probs, mask, args.kl_coef, args.clip_range_score, +1)
         cost_advantages, cost_returns = gae(costs, cost_values, mask, args.gamma, args.gae_lambda)  # (B, N)
         batch.update(cost_values=cost_values, cost_advantages=cost_advantages, cost_returns=cost_returns)
     kl = ((log_probs - ref_log_probs) * mask).sum(-1)  # (B,): each response's KL estimate
@@ -498,6 +514,8 @@ def prompt_order(n_prompts, seed, position):
 def default_output_dir(args):
     if args.output_dir:
         return args.output_dir
+    if args.constraint == "per_prompt":
+        return "output/ppo_lag_per_prompt"
     return {"ppo_lag": "output/ppo_lag", "ppo": "output/ppo"}.get(
         args.algorithm, f"output/reward_shaping_{args.cost_coef}"
     )
@@ -650,6 +668,8 @@ def main(args):
     # ------------------------------------------------------------------ setup
     if args.lambda_init <= 0:
         raise utils.UserError("--lambda_init must be > 0 (λ is kept as log λ)")
+    if args.constraint == "per_prompt" and args.algorithm != "ppo_lag":
+        raise utils.UserError(f"--constraint per_prompt is PPO-Lag's; --algorithm {args.algorithm} has no constraint")
     if args.rollout_batch_size % args.minibatch_size:
         raise utils.UserError(f"--rollout_batch_size {args.rollout_batch_size} must be a multiple of --minibatch_size {args.minibatch_size}")  # fmt: skip
     output_dir = default_output_dir(args)
@@ -742,7 +762,9 @@ def main(args):
         record = {"step": iteration, "split": "train"}
         record.update(zip(episodes.stats, (rollout_stats / process.world_size).tolist()))
         record.update(zip(UPDATE_STATISTICS, update_stats.tolist()))
-        record.update(episode_cost=episode_cost, threshold=args.threshold, seconds=time.time() - iteration_started)
+        record.update(
+            episode_cost=episode_cost, threshold=multiplier.threshold, seconds=time.time() - iteration_started
+        )
         record.update(
             {"lambda": multiplier.value, "actor_lr": schedulers["actor"].get_last_lr()[0]}
         )  # λ: 0 but PPO-Lag
