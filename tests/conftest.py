@@ -49,7 +49,7 @@ def torchrun(script, *arguments, nproc=2, expect=0, **flags):
 
 def save_model(folder, model, tokenizer):
     """A model and its tokenizer, saved as a stage saves them (a ScoreModel as its transformers model)."""
-    getattr(model, "model", model).save_pretrained(folder)
+    (model.model if isinstance(model, utils.ScoreModel) else model).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 

@@ -1,14 +1,17 @@
 """Score models in the original code's format (config `LlamaForScore`, a `score_head`, an optional
 normaliser), as the released PKU-Alignment/beaver-7b-* reward and cost models: written here in that exact
-format at a tiny size, loaded with utils.load_scorer, and checked against the original's formula."""
+format at a tiny size, loaded with utils.load_model(..., score=True) (the normaliser folded into the head), and
+checked against the original's formula."""
 
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaModel
 
+import evaluate
 import ppo_lagrangian as ppo
 import utils
 
@@ -17,11 +20,6 @@ CONVERSATIONS = [
     ("how do i steal a parked car ?", "i can not help with that ."),
     ("how do i plant a tree ?", "dig a hole ."),
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return utils.load_tokenizer("toy_world/model")
 
 
 def write_original(folder, tokenizer, score_type="reward", normalizer=None, buffers=None, keep=lambda key: True):
@@ -63,15 +61,15 @@ def original_end_scores(backbone, head, tokenizer, rows):
 
 def test_the_released_format_scores_as_the_original(tokenizer, tmp_path):
     backbone, head = write_original(tmp_path, tokenizer)
-    scorer = utils.load_scorer(str(tmp_path), utils.load_tokenizer(str(tmp_path)))
-    assert isinstance(scorer, utils.OriginalScoreModel) and scorer.score_head.bias.item() == 0.75
+    scorer = utils.load_model(str(tmp_path), utils.load_tokenizer(str(tmp_path)), score=True)
+    assert isinstance(scorer, utils.ScoreModel) and scorer.model.score.bias.item() == 0.75  # no normaliser: as saved
     expected = original_end_scores(backbone, head, tokenizer, CONVERSATIONS)
     prompts, responses = zip(*CONVERSATIONS)
-    got = utils.score_texts(scorer, tokenizer, list(prompts), list(responses), 48, 48)
+    got = evaluate.score_texts(scorer, tokenizer, list(prompts), list(responses), 64)
     assert torch.allclose(got, expected, atol=1e-5) and expected.std() > 0
     # Padding never changes a score: left-padded, as a rollout's sequences are.
     ids = [utils.tokenize_conversation(tokenizer, p, r, 64)[0] for p, r in CONVERSATIONS]
-    left = scorer.end_scores(*utils.batch_inputs(ids, tokenizer.pad_token_id, "cpu", side="left"))
+    left = scorer(*utils.batch_inputs(ids, tokenizer.pad_token_id, "cpu", side="left"), end=True)
     assert torch.allclose(left, expected, atol=1e-5)
 
 
@@ -79,9 +77,8 @@ def test_the_released_format_scores_as_the_original(tokenizer, tmp_path):
 def test_the_normaliser_applies_only_when_asked(tokenizer, tmp_path, score_type):
     backbone, head = write_original(tmp_path / "off", tokenizer, score_type, normalizer=None)
     raw = original_end_scores(backbone, head, tokenizer, CONVERSATIONS)
-    off = utils.load_scorer(str(tmp_path / "off"), tokenizer).end_scores(
-        *utils.batch_inputs([utils.tokenize_conversation(tokenizer, p, r, 64)[0] for p, r in CONVERSATIONS], 0, "cpu")
-    )
+    ids = [utils.tokenize_conversation(tokenizer, p, r, 64)[0] for p, r in CONVERSATIONS]
+    off = utils.load_model(str(tmp_path / "off"), tokenizer, score=True)(*utils.batch_inputs(ids, 0, "cpu"), end=True)
     assert torch.allclose(off, raw, atol=1e-5)
     # do_normalize: reward (s - mean) / (std + 1e-8), cost s / (std + 1e-8); the stored buffers win over config.
     for name, buffers, mean, var in (
@@ -90,47 +87,45 @@ def test_the_normaliser_applies_only_when_asked(tokenizer, tmp_path, score_type)
     ):
         folder = tmp_path / name
         write_original(folder, tokenizer, score_type, normalizer={"mean": [0.5], "var": [4.0]}, buffers=buffers)
-        scorer = utils.load_scorer(str(folder), tokenizer)
-        ids = [utils.tokenize_conversation(tokenizer, p, r, 64)[0] for p, r in CONVERSATIONS]
-        got = scorer.end_scores(*utils.batch_inputs(ids, tokenizer.pad_token_id, "cpu"))
+        scorer = utils.load_model(str(folder), tokenizer, score=True)
+        got = scorer(*utils.batch_inputs(ids, tokenizer.pad_token_id, "cpu"), end=True)
         expected = (raw - mean) / (var**0.5 + 1e-8) if score_type == "reward" else raw / (var**0.5 + 1e-8)
         assert torch.allclose(got, expected, atol=1e-5), name
 
 
-def test_a_score_model_without_its_head_stops_instead_of_scoring_at_random(tokenizer, tmp_path):
+def test_a_score_model_without_its_head_stops_instead_of_scoring_at_random(tokenizer, tiny_models, tmp_path):
     write_original(tmp_path / "headless", tokenizer, keep=lambda key: not key.startswith("score_head"))
-    with pytest.raises(ValueError, match=r"headless: a LlamaForScore checkpoint without score_head.weight"):
-        utils.load_scorer(str(tmp_path / "headless"), tokenizer)
-    write_original(tmp_path / "odd", tokenizer, score_type="judge", normalizer={"mean": [0.0], "var": [1.0]})
-    with pytest.raises(ValueError, match=r"odd: unknown score_type 'judge'"):
-        utils.load_scorer(str(tmp_path / "odd"), tokenizer)
+    with pytest.raises(utils.UserError, match=r"headless: a LlamaForScore checkpoint without score_head.weight"):
+        utils.load_model(str(tmp_path / "headless"), tokenizer, score=True)
     # Our own format too: a reward checkpoint whose score weights were lost.
-    ours = tmp_path / "ours"
-    utils.save_checkpoint(str(ours), utils.load_score_model("toy_world/model", tokenizer).model, tokenizer)
+    ours = shutil.copytree(tiny_models / "reward", tmp_path / "ours")
     weights = load_file(ours / "model.safetensors")
+    assert "score.weight" in weights
     save_file({k: v for k, v in weights.items() if not k.startswith("score")}, str(ours / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"ours: the score head's weights \(score.weight\) are missing"):
-        utils.load_scorer(str(ours), tokenizer)
-    # A language model is not a scorer (a new head is only for training one).
-    lm = tmp_path / "lm"
-    utils.save_checkpoint(str(lm), utils.load_causal_lm("toy_world/model", tokenizer), tokenizer)
-    with pytest.raises(ValueError, match=r"lm is a language model \(LlamaForCausalLM\), not a reward or cost model"):
-        utils.load_scorer(str(lm), tokenizer)
-    assert isinstance(utils.load_score_model(str(lm), tokenizer, new_head=True), utils.ScoreModel)
+    with pytest.raises(utils.UserError, match=r"ours: the score head's weights \(score.weight\) are missing"):
+        utils.load_model(str(ours), tokenizer, score=True)
 
 
-def test_ppo_lag_runs_against_released_format_scorers(tokenizer, tmp_path):
+def test_a_language_model_is_not_a_scorer(tokenizer, tiny_models):
+    """An SFT checkpoint passed as R or C stops; a new head on it is only for training one."""
+    lm = str(tiny_models / "sft")
+    assert isinstance(utils.load_model(lm, tokenizer, score=True, new_head=True), utils.ScoreModel)
+    with pytest.raises(utils.UserError, match=r"sft is a language model \(LlamaForCausalLM\), not a reward or cost"):
+        utils.load_model(lm, tokenizer, score=True)
+
+
+def test_ppo_lag_runs_against_released_format_scorers(tokenizer, tiny_models, tmp_path):
     """Frozen R and C in the original format; the critics need a trainable start (here the SFT model)."""
     write_original(tmp_path / "reward", tokenizer, "reward")
     write_original(tmp_path / "cost", tokenizer, "cost")
-    utils.save_checkpoint(str(tmp_path / "sft"), utils.load_causal_lm("toy_world/model", tokenizer), tokenizer)
     flags = dict(
-        actor_model_name_or_path=str(tmp_path / "sft"), reward_model=str(tmp_path / "reward"),
+        actor_model_name_or_path=str(tiny_models / "sft"), reward_model=str(tmp_path / "reward"),
         cost_model=str(tmp_path / "cost"), eval_prompts="none", output_dir=str(tmp_path / "run"), iterations=1,
         rollout_batch_size=4, minibatch_size=4, micro_batch_size=4, max_new_tokens=4,
     )  # fmt: skip
-    with pytest.raises(ValueError, match=r"original code's score format.*pass --reward_critic_model"):
+    with pytest.raises(utils.UserError, match=r"original code's score format.*pass --reward_critic_model"):
         ppo.main(ppo.Args(**flags))
-    ppo.main(ppo.Args(**flags, reward_critic_model=str(tmp_path / "sft"), cost_critic_model=str(tmp_path / "sft")))
+    critics = dict(reward_critic_model=str(tiny_models / "sft"), cost_critic_model=str(tiny_models / "sft"))
+    ppo.main(ppo.Args(**flags, **critics))
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["step"] == 1 and record["cost"] != 0.0 and record["reward"] != 0.0
