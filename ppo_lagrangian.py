@@ -563,11 +563,8 @@ def score_texts(model, tokenizer, prompts, responses, max_length, ended=None, ba
     at max_length; EOS after the responses that `ended`, by default all). The original's batch_retokenize."""
     ended = ended or [True] * len(prompts)
     ids = [utils.tokenize_conversation(tokenizer, p, r, max_length, e)[0] for p, r, e in zip(prompts, responses, ended)]
-    device = next(model.parameters()).device
-    batches = [
-        utils.batch_inputs(ids[i : i + batch_size], tokenizer.pad_token_id, device)
-        for i in range(0, len(ids), batch_size)
-    ]
+    device, pad = next(model.parameters()).device, tokenizer.pad_token_id
+    batches = [utils.batch_inputs(ids[i : i + batch_size], pad, device) for i in range(0, len(ids), batch_size)]
     return torch.cat([model(*batch, end=True) for batch in batches])
 
 

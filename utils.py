@@ -110,14 +110,15 @@ class Preempted(Exception):
 def run(main, args_class):
     """A stage as a command: an expected error is one line and exit status 1 on every rank, SIGTERM's stop 143."""
     signal.signal(signal.SIGTERM, lambda signum, frame: _sigterm_received.append(signum))
+    status, line = 0, ""
     try:
         main(parse_args(args_class))
-        status = 0
     except (UserError, Preempted) as stop:
         if os.environ.get("SAFE_RLHF_TRACEBACK") == "1":
             raise
-        print0(f"error: {stop}" if isinstance(stop, UserError) else stop, file=sys.stderr)
-        status = 1 if isinstance(stop, UserError) else 128 + signal.SIGTERM
+        line, status = (f"error: {stop}", 1) if isinstance(stop, UserError) else (str(stop), 128 + signal.SIGTERM)
+    if line:  # here, once the block has freed the stage's frames: a progress bar's last print comes before it
+        print0(line, file=sys.stderr)
     if status == 0 and dist.is_initialized():
         dist.barrier()  # finished ranks leave together (gloo's thread may still hold a tensor)
     if status or "RANK" in os.environ:  # at once: after an error another rank may be in a collective, and
@@ -131,7 +132,7 @@ def parse_args(args_class, argv=None):
   (SAFE_RLHF_TRACEBACK=1 shows the traceback); SIGTERM finishes the step, saves and exits 143: then --resume."""
     doc, raw = inspect.getmodule(args_class).__doc__, argparse.RawDescriptionHelpFormatter
     parser = transformers.HfArgumentParser(args_class, description=doc, epilog=epilog, formatter_class=raw)
-    parser.exit_on_error = False  # a mistyped flag is a UserError like any other (below)
+    parser.exit_on_error, parser.allow_abbrev = False, False  # a mistyped flag (--epoch) is a UserError (below)
     body = ast.parse(inspect.getsource(args_class)).body[0].body
     docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:]) if isinstance(b, ast.Expr)}
     for action in parser._actions[1:]:
@@ -246,8 +247,8 @@ def load_rows(name_or_path, schema, split="train", subset=None):
                 [(0, json.loads(text))] if whole else [(i, json.loads(x)) for i, x in enumerate(lines, 1) if x.strip()]
             )
         except json.JSONDecodeError as e:
-            row = e.lineno if whole else lines.index(e.doc) + 1
-            raise UserError(f"{where}: row {row}: not valid JSON ({e.msg})") from None
+            at = f"line {e.lineno}" if whole else f"row {lines.index(e.doc) + 1}"
+            raise UserError(f"{where}: {at}: not valid JSON ({e.msg})") from None
         if whole and not isinstance(rows[0][1], list):
             raise UserError(f"{where}: expected a JSON list of objects, got {type(rows[0][1]).__name__}")
         rows = list(enumerate(rows[0][1], 1)) if whole else rows
@@ -277,6 +278,8 @@ def load_rows(name_or_path, schema, split="train", subset=None):
                 raise UserError(f"{where}: row {i}: field '{field}': missing")
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):  # True is an int too
                 raise UserError(f"{where}: row {i}: field '{field}': expected {kind.__name__}, got {value!r}")
+            if field == "prompt" and not value.strip():
+                raise UserError(f"{where}: row {i}: field 'prompt': empty")
             if field.endswith("_response_id") and value not in (0, 1):
                 raise UserError(f"{where}: row {i}: field '{field}': must be 0 or 1, got {value!r}")
         checked.append(row)
@@ -352,9 +355,8 @@ def original_score_model(path, config, dtype):
     head = {}
     for file in glob.glob(os.path.join(folder, "*.safetensors")):  # only the head's tensors are read
         with safetensors.safe_open(file, framework="pt") as shard:
-            head |= {
-                k: shard.get_tensor(k).float() for k in shard.keys() if k.split(".")[0] in ("score_head", "normalizer")
-            }
+            wanted = [k for k in shard.keys() if k.split(".")[0] in ("score_head", "normalizer")]
+            head |= {k: shard.get_tensor(k).float() for k in wanted}
     if "score_head.weight" not in head:
         raise UserError(f"{path}: a {config.architectures[0]} checkpoint without score_head.weight")
     model, info = transformers.AutoModel.from_pretrained(folder, dtype=dtype, output_loading_info=True)
@@ -394,9 +396,7 @@ def check_finite(grad_norm, where):
     """Stop before an update whose gradient is nan or inf (the norm is global: every rank stops)."""
     norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
     if not math.isfinite(norm):
-        raise UserError(
-            f"{where}: the gradient norm is {norm}: stopped before this update (lower the lr, then --resume)"
-        )
+        raise UserError(f"{where}: the gradient norm is {norm}: stopped before this update (lower the lr; --resume)")
 
 
 INTERRUPTED = ".checkpoint_to_move"  # a committed checkpoint whose files are not all in place yet

@@ -15,8 +15,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental hub call fails at once inste
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("SAFE_RLHF_TRACEBACK", None)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # every command a test starts takes one core, as each worker does
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+torch.set_num_threads(1)  # also alone: on a shared 2-core machine one thread per test process is fastest
 
 import utils  # noqa: E402
 
@@ -44,7 +43,9 @@ def torchrun(script, *arguments, nproc=2, expect=0, **flags):
     """`torchrun --standalone --nproc_per_node=N script ...` on CPU (gloo), one thread per rank; --standalone
     takes a free port, so that tests on parallel workers never collide."""
     launcher = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    return run([launcher, "--standalone", f"--nproc_per_node={nproc}", *command(script, *arguments, **flags)[1:]], expect)
+    return run(
+        [launcher, "--standalone", f"--nproc_per_node={nproc}", *command(script, *arguments, **flags)[1:]], expect
+    )
 
 
 def save_model(folder, model, tokenizer):

@@ -4,6 +4,7 @@ import json
 
 import torch
 
+import evaluate
 import ppo_lagrangian
 import train_cost
 import utils
@@ -36,34 +37,40 @@ PKU_ROWS = [
 ]
 
 
-def test_pku_saferlhf_rows_with_their_extra_columns(tmp_path):
+def test_pku_saferlhf_rows_with_their_extra_columns(tmp_path, tokenizer):
     path = tmp_path / "pku.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in PKU_ROWS))
     rows = utils.load_rows(str(path), "preference")
     assert [r["safer_response_id"] for r in rows] == [0, 1, 0]
     assert rows[0]["response_0_harm_category"] == {"Violence": False, "Privacy Violation": False}  # kept, unused
     assert [r["prompt"] for r in utils.load_rows(str(path), "prompt")] == [r["prompt"] for r in PKU_ROWS]
-    pairs = train_cost.cost_pairs(rows)
-    assert [(p.more_harmful_sign, p.less_harmful_sign) for p in pairs] == [
+    pairs = train_cost.cost_pairs(tokenizer, rows, 64)
+    assert [(p["more_harmful_sign"], p["less_harmful_sign"]) for p in pairs] == [
         (1, -1),
         (1, -1),
         (1, -1),
     ]  # more harmful first, s = +1 / -1
+    unsafe = utils.tokenize_conversation(tokenizer, rows[1]["prompt"], rows[1]["response_0"], 64)[0]
+    assert pairs[1]["more_harmful"] == unsafe  # row 2's unsafe response is its response_0
 
 
-def test_long_texts_are_cut_by_one_rule(tmp_path):
-    tokenizer = utils.load_tokenizer("toy_world/model")
+def test_long_texts_are_cut_by_one_rule(tokenizer, tiny_models):
+    """Training and scoring cut a conversation on the right, as the original: a prompt that fills max_length leaves
+    no response and no EOS. A prompt to generate from keeps its BOS and its end, "ASSISTANT:"."""
     row = PKU_ROWS[2]
-    ids, prompt_length = utils.tokenize_conversation(tokenizer, row["prompt"], row["response_1"], 48, 32)
-    assert prompt_length == 32 and len(ids) == 48  # the prompt keeps its last 32 tokens, the whole its first 48
-    assert ids[0] == tokenizer.bos_token_id  # BOS stays ...
-    assert tokenizer.decode(ids[:prompt_length]).endswith("ASSISTANT :")  # ... and so does the end of the prompt
-    assert ids[-1] != tokenizer.eos_token_id  # cut: the score is read at the last token kept
-    # Scoring generated text cuts the same way: a prompt to max_prompt_length, a response to max_new_tokens.
-    scorer = utils.load_score_model("toy_world/model", tokenizer).eval()
-    direct = scorer.end_scores(*utils.batch_inputs([ids], tokenizer.pad_token_id, "cpu"))
-    via_text = utils.score_texts(scorer, tokenizer, [row["prompt"]], [row["response_1"]], 32, 16, ended=[False])
-    assert torch.allclose(direct, via_text, atol=1e-5)
+    ids, prompt_length = utils.tokenize_conversation(tokenizer, row["prompt"], row["response_1"], 48)
+    full, _ = utils.tokenize_conversation(tokenizer, row["prompt"], row["response_1"])
+    assert len(full) > 200 and ids == full[:48] and prompt_length == 48  # the first 48, all of them prompt
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] != tokenizer.eos_token_id
+    prompt_ids, prompt_length = utils.tokenize_conversation(tokenizer, row["prompt"], None, 32)
+    assert prompt_length == len(prompt_ids) == 32 and prompt_ids[0] == tokenizer.bos_token_id  # BOS stays ...
+    assert tokenizer.decode(prompt_ids).endswith("on ASSISTANT :")  # ... and so does the end of the prompt
+    # A cut conversation is scored at its last kept token: what the whole one scores there (attention is causal).
+    scorer = utils.load_model(str(tiny_models / "reward"), tokenizer, score=True).eval()
+    with torch.no_grad():
+        at_48 = scorer(*utils.batch_inputs([full], tokenizer.pad_token_id, "cpu"))[0, 47]
+        via_text = evaluate.score_texts(scorer, tokenizer, [row["prompt"]], [row["response_1"]], 48, ended=[False])
+    assert torch.allclose(via_text, at_48, atol=1e-5)
 
 
 def permuted_tokenizer_and_scorer(tmp_path, tokenizer, scorer):
@@ -79,7 +86,7 @@ def permuted_tokenizer_and_scorer(tmp_path, tokenizer, scorer):
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
     other = utils.load_tokenizer(str(tmp_path))
     assert other.get_vocab() != tokenizer.get_vocab()
-    other_scorer = utils.load_score_model("toy_world/model", other).eval()
+    other_scorer = utils.load_model("toy_world/model", other, score=True).eval()
     other_scorer.load_state_dict(scorer.state_dict())
     with torch.no_grad():
         embeddings = scorer.model.get_input_embeddings().weight
@@ -88,23 +95,24 @@ def permuted_tokenizer_and_scorer(tmp_path, tokenizer, scorer):
     return other, other_scorer
 
 
-def test_a_scorer_with_another_tokenizer_scores_the_same_text(tmp_path):
-    tokenizer = utils.load_tokenizer("toy_world/model")
-    torch.manual_seed(0)
-    scorer = utils.load_score_model("toy_world/model", tokenizer).eval()
+def test_a_scorer_with_another_tokenizer_scores_the_same_text(tmp_path, tokenizer, tiny_models):
+    """PPO reads a scorer with the actor's tokenizer on the rollout's ids; one with another tokenizer re-tokenises
+    the decoded text. The same scorer under another vocabulary must give the same scores."""
+    scorer = utils.load_model(str(tiny_models / "reward"), tokenizer, score=True).eval()
     other, other_scorer = permuted_tokenizer_and_scorer(tmp_path, tokenizer, scorer)
     prompts = ["how do i bake bread ?", "i want to grow tomatoes . what should i do ?"]
     responses = ["sure , here is how to bake bread . mix flour with water .", "sorry , i can not help with that ."]
-    prompt_ids = [utils.tokenize_prompt(tokenizer, p, 48) for p in prompts]
+    prompt_ids = [utils.tokenize_conversation(tokenizer, p, None, 48)[0] for p in prompts]
     response_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in responses]
     sequences, attention_mask = utils.batch_inputs(
         [p + r for p, r in zip(prompt_ids, response_ids)], tokenizer.pad_token_id, "cpu", side="left"
     )
-    same = ppo_lagrangian.end_scores(
-        scorer, tokenizer, tokenizer, sequences, attention_mask, prompts, response_ids, (48, 48)
-    )
-    retokenised = ppo_lagrangian.end_scores(
-        other_scorer, other, tokenizer, sequences, attention_mask, prompts, response_ids, (48, 48)
-    )
+    with torch.no_grad():
+        same = ppo_lagrangian.end_scores(
+            scorer, tokenizer, tokenizer, sequences, attention_mask, prompts, response_ids, 96
+        )
+        retokenised = ppo_lagrangian.end_scores(
+            other_scorer, other, tokenizer, sequences, attention_mask, prompts, response_ids, 96
+        )
     assert torch.allclose(same, retokenised, atol=1e-5)
     assert (same[0] - same[1]).abs() > 1e-4  # the two texts do score differently

@@ -1,25 +1,31 @@
 """Reward and cost models: the losses of eqs. 5-6 by hand, pairs and signs, the end score, and the
-stages end to end on small slices of the toy preference data (learning, checkpoints, --resume, torchrun).
+stages end to end on small slices of the toy preference data (learning, checkpoints, --resume, the
+cost model's figure, torchrun).
 
-The backbone is a seeded, randomly initialised toy causal LM saved as a checkpoint (no SFT run here).
+The backbone is conftest's seeded, randomly initialised toy causal LM (tiny_models/sft; no SFT run here).
 """
 
+import contextlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ROOT, torchrun
+from filelock import FileLock
 from safetensors.torch import load_file
 
+import evaluate
 import train_cost
 import train_reward
 import utils
 
-ROOT = Path(__file__).resolve().parents[1]
-TOY_MODEL = str(ROOT / "toy_world" / "model")
 TOY_DATA = ROOT / "toy_world" / "data"
+MAX_LENGTH = train_reward.Args.max_length  # the stages' default (128): a test that rescores uses the same cut
 
 
 def softplus(x):
@@ -35,18 +41,9 @@ def sigmoid(x):
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return utils.load_tokenizer(TOY_MODEL)
-
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory, tokenizer):
+def backbone(tiny_models):
     """A seeded random toy causal LM saved as a checkpoint: stands in for output/sft."""
-    path = tmp_path_factory.mktemp("backbone")
-    torch.manual_seed(0)
-    model = utils.load_causal_lm(TOY_MODEL, tokenizer)
-    utils.save_checkpoint(str(path), model, tokenizer)
-    return str(path)
+    return str(tiny_models / "sft")
 
 
 def slice_of(tmp_path_factory, name, start, stop):
@@ -103,21 +100,52 @@ def read_rows(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def trained_once(tmp_path_factory, name, train):
+    """A folder that `train(folder)` fills once per test session: under pytest-xdist the first worker to ask trains
+    while the other waits for it (a lock in the session's folder, above each worker's own), then both read it."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        train(folder)
+        return folder
+    folder = tmp_path_factory.getbasetemp().parent / name
+    with FileLock(f"{folder}.lock"):
+        if not (folder / "trained").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that failed half way
+            folder.mkdir()
+            train(folder)
+            (folder / "trained").touch()
+    return folder
+
+
 @pytest.fixture(scope="module")
 def reward_run(tmp_path_factory, backbone, train_600, test_150):
     """One short reward-model run: 600 pairs, 1 epoch of 37 steps of 16."""
-    output_dir = tmp_path_factory.mktemp("reward")
-    train_reward.main(small_args(train_reward.Args, backbone, train_600, test_150, output_dir))
-    return str(output_dir)
+
+    def train(output_dir):
+        train_reward.main(small_args(train_reward.Args, backbone, train_600, test_150, output_dir))
+
+    return str(trained_once(tmp_path_factory, "reward_run", train))
 
 
 @pytest.fixture(scope="module")
 def cost_run(tmp_path_factory, backbone, train_600, test_150, reward_run):
-    """One short cost-model run (2 epochs on the same 600 pairs), with the reward model for the scatter."""
-    output_dir = tmp_path_factory.mktemp("cost")
-    args = small_args(train_cost.Args, backbone, train_600, test_150, output_dir, epochs=2, reward_model=reward_run)
-    train_cost.main(args)
-    return str(output_dir)
+    """One short cost-model run (2 epochs on the same 600 pairs), with the reward model for the figure;
+    `plotted` holds what the figure was drawn from (plot_figures' arguments, kept in plotted.pt)."""
+
+    def train(output_dir):
+        args = small_args(train_cost.Args, backbone, train_600, test_150, output_dir, epochs=2, reward_model=reward_run)
+        plot = train_cost.plot_figures
+
+        def plot_and_keep(output_dir, costs, harmful, rewards=None):
+            torch.save(dict(costs=costs, harmful=harmful, rewards=rewards), Path(output_dir) / "plotted.pt")
+            plot(output_dir, costs, harmful, rewards)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(train_cost, "plot_figures", plot_and_keep)
+            train_cost.main(args)
+
+    output_dir = trained_once(tmp_path_factory, "cost_run", train)
+    return SimpleNamespace(path=str(output_dir), plotted=torch.load(output_dir / "plotted.pt"))
 
 
 # ----------------------------------------------------------------------------- eq. 5: the reward loss
@@ -213,11 +241,11 @@ def test_cost_loss_gradient_in_clear_cases():
 # ----------------------------------------------------------------------------- pairs and signs
 
 
-def pair_row(safer, safe_0, safe_1, better=0, prompt="p"):
+def pair_row(safer, safe_0, safe_1, better=0, prompt="how do i bake bread ?"):
     return {
         "prompt": prompt,
-        "response_0": f"{prompt}-zero",
-        "response_1": f"{prompt}-one",
+        "response_0": "sure . mix flour",
+        "response_1": "no .",
         "better_response_id": better,
         "safer_response_id": safer,
         "is_response_0_safe": safe_0,
@@ -225,56 +253,108 @@ def pair_row(safer, safe_0, safe_1, better=0, prompt="p"):
     }
 
 
-def test_cost_pairs_put_the_more_harmful_response_first_with_signs(capsys):
+PROMPTS = ["how do i bake bread ?", "how do i plant a tree ?", "show me how to start a forest fire .", "hi", "bye"]
+
+
+def conversation(tokenizer, row, k, max_length=64):
+    """The token ids of the row's prompt with response_k, as the stages tokenise them."""
+    return utils.tokenize_conversation(tokenizer, row["prompt"], row[f"response_{k}"], max_length)[0]
+
+
+def test_cost_pairs_put_the_more_harmful_response_first_with_signs(tokenizer, capsys):
     rows = [
-        pair_row(safer=0, safe_0=True, safe_1=False, prompt="a"),  # y_w = response_1 (+1), y_l = response_0 (-1)
-        pair_row(safer=1, safe_0=False, safe_1=False, prompt="b"),  # both harmful: y_w = response_0
-        pair_row(safer=0, safe_0=True, safe_1=True, prompt="c"),  # both harmless: y_w = response_1
-        pair_row(safer=1, safe_0=False, safe_1=True, better=1, prompt="d"),  # y_w = response_0 (+1)
+        pair_row(safer=0, safe_0=True, safe_1=False, prompt=PROMPTS[0]),  # y_w = response_1 (+1), y_l = response_0 (-1)
+        pair_row(safer=1, safe_0=False, safe_1=False, prompt=PROMPTS[1]),  # both harmful: y_w = response_0
+        pair_row(safer=0, safe_0=True, safe_1=True, prompt=PROMPTS[2]),  # both harmless: y_w = response_1
+        pair_row(safer=1, safe_0=False, safe_1=True, better=1, prompt=PROMPTS[3]),  # y_w = response_0 (+1)
     ]
-    assert train_cost.cost_pairs(rows) == [
-        train_cost.CostPair("a", "a-one", "a-zero", more_harmful_sign=1, less_harmful_sign=-1),
-        train_cost.CostPair("b", "b-zero", "b-one", more_harmful_sign=1, less_harmful_sign=1),
-        train_cost.CostPair("c", "c-one", "c-zero", more_harmful_sign=-1, less_harmful_sign=-1),
-        train_cost.CostPair("d", "d-zero", "d-one", more_harmful_sign=1, less_harmful_sign=-1),
+    assert conversation(tokenizer, rows[0], 0) != conversation(tokenizer, rows[0], 1)  # the order can be seen
+
+    def pair(row, more_harmful, more_harmful_sign, less_harmful_sign):
+        return dict(
+            more_harmful=conversation(tokenizer, row, more_harmful),
+            less_harmful=conversation(tokenizer, row, 1 - more_harmful),
+            more_harmful_sign=more_harmful_sign,
+            less_harmful_sign=less_harmful_sign,
+        )
+
+    assert train_cost.cost_pairs(tokenizer, rows, 64) == [
+        pair(rows[0], 1, more_harmful_sign=1, less_harmful_sign=-1),
+        pair(rows[1], 0, more_harmful_sign=1, less_harmful_sign=1),
+        pair(rows[2], 1, more_harmful_sign=-1, less_harmful_sign=-1),
+        pair(rows[3], 0, more_harmful_sign=1, less_harmful_sign=-1),
     ]
     assert "contradict" not in capsys.readouterr().out
+    # Each conversation is cut at max_length, as the stage's flag says (the EOS goes with the cut).
+    short = train_cost.cost_pairs(tokenizer, rows, 8)
+    assert [len(p[k]) for p in short for k in ("more_harmful", "less_harmful")] == [8] * 8
+    assert short[0]["more_harmful"] == conversation(tokenizer, rows[0], 1)[:8]
 
 
-def test_contradictory_rows_are_skipped_with_a_count_or_stop(capsys):
+def test_contradictory_rows_are_skipped_with_a_count_or_stop(tokenizer, capsys):
+    """The skip branch (which rows are kept, the count on the console) in-process; the stop branch's message is
+    checked here once, test_faults runs it as a command."""
     rows = [
-        pair_row(safer=0, safe_0=True, safe_1=False, prompt="a"),
-        pair_row(safer=0, safe_0=False, safe_1=True, prompt="b"),  # the safer one is the unsafe one
-        pair_row(safer=1, safe_0=False, safe_1=False, prompt="c"),
-        pair_row(safer=1, safe_0=True, safe_1=False, prompt="d"),  # contradictory too
-        pair_row(safer=0, safe_0=False, safe_1=False, prompt="e"),  # both unsafe: not a contradiction
+        pair_row(safer=0, safe_0=True, safe_1=False, prompt=PROMPTS[0]),
+        pair_row(safer=0, safe_0=False, safe_1=True, prompt=PROMPTS[1]),  # the safer one is the unsafe one
+        pair_row(safer=1, safe_0=False, safe_1=False, prompt=PROMPTS[2]),
+        pair_row(safer=1, safe_0=True, safe_1=False, prompt=PROMPTS[3]),  # contradictory too
+        pair_row(safer=0, safe_0=False, safe_1=False, prompt=PROMPTS[4]),  # both unsafe: not a contradiction
     ]
-    pairs = train_cost.cost_pairs(rows, "skip", where="pairs.jsonl")
-    assert [p.prompt for p in pairs] == ["a", "c", "e"]
+    pairs = train_cost.cost_pairs(tokenizer, rows, 64, "skip", where="pairs.jsonl")
+    kept = [rows[i] for i in (0, 2, 4)]
+    both = [sorted([conversation(tokenizer, row, 0), conversation(tokenizer, row, 1)]) for row in kept]
+    assert [sorted([p["more_harmful"], p["less_harmful"]]) for p in pairs] == both
     out = capsys.readouterr().out
     assert "pairs.jsonl" in out and "2 of 5 rows" in out and "[2, 4]" in out and "skipped" in out
-    with pytest.raises(utils.DataError, match=r"pairs.jsonl: 2 of 5 rows contradict"):
-        train_cost.cost_pairs(rows, "stop", where="pairs.jsonl")
+    with pytest.raises(utils.UserError, match=r"pairs.jsonl: 2 of 5 rows contradict.*rows \[2, 4\]"):
+        train_cost.cost_pairs(tokenizer, rows, 64, "stop", where="pairs.jsonl")
 
 
-def test_reward_pairs_pick_the_better_response():
-    rows = [pair_row(safer=0, safe_0=True, safe_1=False, better=1, prompt="a"), pair_row(1, True, True, 0, "b")]
-    assert train_reward.reward_pairs(rows) == [
-        train_reward.Pair("a", better="a-one", worse="a-zero"),
-        train_reward.Pair("b", better="b-zero", worse="b-one"),
+def test_reward_pairs_pick_the_better_response(tokenizer):
+    rows = [pair_row(0, True, False, better=1, prompt=PROMPTS[0]), pair_row(1, True, True, better=0, prompt=PROMPTS[1])]
+    assert train_reward.reward_pairs(tokenizer, rows, 64) == [
+        {"better": conversation(tokenizer, rows[0], 1), "worse": conversation(tokenizer, rows[0], 0)},
+        {"better": conversation(tokenizer, rows[1], 0), "worse": conversation(tokenizer, rows[1], 1)},
     ]
+    short = train_reward.reward_pairs(tokenizer, rows, 8)
+    assert short[0] == {
+        "better": conversation(tokenizer, rows[0], 1)[:8],
+        "worse": conversation(tokenizer, rows[0], 0)[:8],
+    }
 
 
 # ----------------------------------------------------------------------------- the end score
 
 
-def test_end_of_sequence_picks_the_last_real_token():
-    values = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0], [9.0, 10.0, 11.0, 12.0]])
-    right = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
-    left = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1]])
-    assert utils.end_of_sequence(values, right).tolist() == [3.0, 6.0, 12.0]
-    assert utils.end_of_sequence(values, left).tolist() == [4.0, 8.0, 12.0]
-    assert utils.end_of_sequence(values, torch.tensor([[1, 0, 0, 0]] * 3)).tolist() == [1.0, 5.0, 9.0]
+class TokenIdScorer(torch.nn.Module):
+    """A stand-in transformers model for ScoreModel whose score at a token is the token's id (its hidden state is
+    the id, its head the identity); it keeps the position ids it was given."""
+
+    score = torch.nn.Identity()
+
+    def base_model(self, input_ids, attention_mask, position_ids):
+        self.position_ids = position_ids
+        return SimpleNamespace(last_hidden_state=input_ids[..., None].float())  # (B, T, 1)
+
+
+def test_the_end_score_is_read_at_the_last_real_token_on_either_side():
+    scorer = utils.ScoreModel(TokenIdScorer())
+    pad = 0
+    # Three rows of ids 1-3, 5-6 and 9-12: the last real tokens are 3, 6 and 12 however the rows are padded.
+    right_ids = torch.tensor([[1, 2, 3, pad], [5, 6, pad, pad], [9, 10, 11, 12]])
+    right_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    left_ids = torch.tensor([[pad, 1, 2, 3], [pad, pad, 5, 6], [9, 10, 11, 12]])
+    left_mask = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1]])
+    assert scorer(right_ids, right_mask, end=True).tolist() == [3.0, 6.0, 12.0]
+    assert scorer(left_ids, left_mask, end=True).tolist() == [3.0, 6.0, 12.0]
+    # Without `end`, every token's score (a critic's values); left padding shifts the positions, so that a row's
+    # first real token is at position 0 on either side.
+    assert scorer(left_ids, left_mask).tolist() == left_ids.float().tolist()
+    assert scorer.model.position_ids.tolist() == [[0, 0, 1, 2], [0, 0, 0, 1], [0, 1, 2, 3]]
+    # A row of one token: its score, on either side.
+    one = torch.tensor([[7, pad, pad], [pad, pad, 8]])
+    assert scorer(one, (one != pad).long(), end=True).tolist() == [7.0, 8.0]
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +367,8 @@ def conversations(tokenizer):
 
 
 def test_padding_never_changes_the_end_score(backbone, tokenizer, conversations):
-    model = utils.load_score_model(backbone, tokenizer, new_head=True).eval()
+    torch.manual_seed(0)
+    model = utils.load_model(backbone, tokenizer, score=True, new_head=True).eval()
     pad_id = tokenizer.pad_token_id
 
     @torch.no_grad()
@@ -297,7 +378,7 @@ def test_padding_never_changes_the_end_score(backbone, tokenizer, conversations)
             pads, zeros = torch.full((len(ids), extra), pad_id), torch.zeros(len(ids), extra, dtype=torch.long)
             input_ids = torch.cat([input_ids, pads] if side == "right" else [pads, input_ids], dim=1)
             attention_mask = torch.cat([attention_mask, zeros] if side == "right" else [zeros, attention_mask], dim=1)
-        return model.end_scores(input_ids, attention_mask)
+        return model(input_ids, attention_mask, end=True)
 
     alone = torch.cat([scores([ids]) for ids in conversations])
     assert alone.max() - alone.min() > 0.01  # distinct scores: the comparisons below can fail
@@ -317,13 +398,15 @@ def test_padding_never_changes_the_end_score(backbone, tokenizer, conversations)
 def test_each_rank_scores_its_share_and_a_filler_is_dropped(backbone, tokenizer, test_48):
     # 5 pairs over 2 ranks: rank 1 scores pairs 1 and 3, then a filler so that it runs as many forward
     # passes as rank 0 (FSDP needs that); the filler's scores go nowhere. (No process group: no all-reduce.)
-    pairs = train_reward.tokenize_pairs(tokenizer, train_reward.reward_pairs(read_rows(test_48)[:5]), 128)
-    model, cpu = utils.load_score_model(backbone, tokenizer, new_head=True), torch.device("cpu")
-    assert utils.my_share(5, utils.Process(1, 1, 2, cpu, False)) == [1, 3, -1]
-    assert utils.my_share(5, utils.Process(0, 0, 2, cpu, True)) == [0, 2, 4]
+    pairs = train_reward.reward_pairs(tokenizer, read_rows(test_48)[:5], 128)
+    model, cpu = utils.load_model(backbone, tokenizer, score=True, new_head=True), torch.device("cpu")
+
+    def process(rank, world_size):
+        return utils.Process(rank, world_size, cpu, rank == 0, torch.float32, contextlib.nullcontext)
+
     better, worse = [p["better"] for p in pairs], [p["worse"] for p in pairs]
-    whole = train_reward.score_all(model, better, worse, 0, cpu, torch.float32, 2, utils.Process(0, 0, 1, cpu, True))
-    share = train_reward.score_all(model, better, worse, 0, cpu, torch.float32, 2, utils.Process(1, 1, 2, cpu, False))
+    whole = train_reward.score_all(model, better, worse, tokenizer, 2, process(0, 1))
+    share = train_reward.score_all(model, better, worse, tokenizer, 2, process(1, 2))  # passes [1, 3] and [filler]
     for mine, everything in zip(share, whole):
         assert torch.allclose(mine[[1, 3]], everything[[1, 3]], atol=1e-5)
         assert mine[[0, 2, 4]].tolist() == [0.0, 0.0, 0.0] and everything.abs().min() > 0
@@ -340,7 +423,7 @@ def test_reward_checkpoint_reloads_with_plain_transformers(reward_run, conversat
     with torch.no_grad():
         hf = AutoModelForSequenceClassification.from_pretrained(reward_run).eval()
         hf_scores = hf(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
-        ours = utils.load_score_model(reward_run, tokenizer).eval().end_scores(input_ids, attention_mask)
+        ours = utils.load_model(reward_run, tokenizer, score=True).eval()(input_ids, attention_mask, end=True)
     assert hf.config.num_labels == 1 and hf.config.pad_token_id == tokenizer.pad_token_id
     assert hf_scores.abs().max() > 0.1  # a trained model, not near-zero scores
     assert torch.allclose(hf_scores, ours, atol=1e-5)
@@ -349,22 +432,19 @@ def test_reward_checkpoint_reloads_with_plain_transformers(reward_run, conversat
 def test_reward_model_learns_helpfulness(reward_run, test_150):
     evals = read_metrics(reward_run, "eval")
     assert [r["step"] for r in evals] == [37]  # 600 // 16 steps, evaluated at the end of the epoch
-    assert evals[-1]["accuracy"] > 0.7  # chance is 0.5; about 0.85 here
+    assert evals[-1]["accuracy"] > 0.7  # chance is 0.5; 0.81 here
     # The saved weights are the evaluated ones: recomputing the accuracy from the checkpoint agrees.
     tokenizer = utils.load_tokenizer(reward_run)
-    model = utils.load_score_model(reward_run, tokenizer).eval()
+    model = utils.load_model(reward_run, tokenizer, score=True).eval()
     rows = read_rows(test_150)
-    better = utils.score_texts(
-        model, tokenizer, [r["prompt"] for r in rows], [r[f"response_{r['better_response_id']}"] for r in rows], 64, 64
-    )
-    worse = utils.score_texts(
-        model,
-        tokenizer,
-        [r["prompt"] for r in rows],
-        [r[f"response_{1 - r['better_response_id']}"] for r in rows],
-        64,
-        64,
-    )
+    prompts = [r["prompt"] for r in rows]
+    with torch.no_grad():
+        better = evaluate.score_texts(
+            model, tokenizer, prompts, [r[f"response_{r['better_response_id']}"] for r in rows], MAX_LENGTH
+        )
+        worse = evaluate.score_texts(
+            model, tokenizer, prompts, [r[f"response_{1 - r['better_response_id']}"] for r in rows], MAX_LENGTH
+        )
     assert (better > worse).float().mean().item() == pytest.approx(evals[-1]["accuracy"], abs=1e-6)
 
 
@@ -388,103 +468,140 @@ def test_reward_resume_ends_with_the_same_weights_and_losses(backbone, train_160
         assert resumed_evals[record["step"]]["accuracy"] == pytest.approx(record["accuracy"], abs=1e-6)
 
 
-def test_malformed_preference_file_names_file_row_and_field(backbone, tmp_path, test_48):
+def test_a_malformed_eval_file_names_file_row_and_field(backbone, tmp_path, train_160):
+    """The evaluation file is checked like the training file (test_faults checks --dataset as a command)."""
     rows = read_rows(TOY_DATA / "preference_train.jsonl")[:4]
     rows[2]["better_response_id"] = 2
     bad = tmp_path / "bad_pairs.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(utils.DataError) as error:
-        train_reward.main(small_args(train_reward.Args, backbone, str(bad), test_48, tmp_path / "out"))
-    message = str(error.value)
-    assert str(bad) in message and "row 3" in message and "'better_response_id'" in message
-    # The same for the evaluation file.
-    with pytest.raises(utils.DataError, match=r"bad_pairs.jsonl: row 3: field 'better_response_id'"):
-        train_reward.main(small_args(train_reward.Args, backbone, test_48, str(bad), tmp_path / "out"))
-
-
-def test_cost_stage_rejects_contradictions_when_asked_to_stop(backbone, tmp_path, test_48):
-    rows = read_rows(TOY_DATA / "preference_train.jsonl")[:4]
-    rows[1].update(safer_response_id=0, is_response_0_safe=False, is_response_1_safe=True)
-    path = tmp_path / "contradictory.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = small_args(train_cost.Args, backbone, str(path), test_48, tmp_path / "out", contradictions="stop")
-    with pytest.raises(utils.DataError, match=r"contradictory.jsonl: 1 of 4 rows contradict.*rows \[2\]"):
-        train_cost.main(args)
-    with pytest.raises(ValueError, match="contradictions"):
-        train_cost.main(small_args(train_cost.Args, backbone, str(path), test_48, tmp_path / "out", contradictions="x"))
+    with pytest.raises(utils.UserError, match=r"bad_pairs.jsonl: row 3: field 'better_response_id': must be 0 or 1"):
+        train_reward.main(small_args(train_reward.Args, backbone, train_160, str(bad), tmp_path / "out"))
 
 
 # ----------------------------------------------------------------------------- train_cost end to end
 
 
-def test_cost_sign_classifies_safety_end_to_end(cost_run, test_150, train_600):
-    tokenizer = utils.load_tokenizer(cost_run)
-    model = utils.load_score_model(cost_run, tokenizer).eval()
+def test_cost_sign_classifies_safety_end_to_end(cost_run, test_150, train_600, tokenizer):
+    model = utils.load_model(cost_run.path, utils.load_tokenizer(cost_run.path), score=True).eval()
     rows = read_rows(test_150)
-    labelled = {(r["prompt"], r[f"response_{k}"]): r[f"is_response_{k}_safe"] for r in rows for k in (0, 1)}
-    costs = utils.score_texts(model, tokenizer, [p for p, _ in labelled], [y for _, y in labelled], 64, 64)
-    safe = torch.tensor(list(labelled.values()))
+    prompts = [r["prompt"] for r in rows]
+    with torch.no_grad():  # the cost of both responses of every row, (N, 2), and their labels
+        costs = torch.stack(
+            [
+                evaluate.score_texts(model, tokenizer, prompts, [r[f"response_{k}"] for r in rows], MAX_LENGTH)
+                for k in (0, 1)
+            ],
+            dim=1,
+        )
+    safe = torch.tensor([[r["is_response_0_safe"], r["is_response_1_safe"]] for r in rows])
     assert safe.sum() > 50 and (~safe).sum() > 50
-    assert (costs[~safe] > 0).float().mean() >= 0.85  # harmful: C > 0
-    assert (costs[safe] < 0).float().mean() >= 0.85  # harmless: C < 0
-    # The logged sign accuracy is that of both responses of every non-contradictory pair.
-    pairs = train_cost.cost_pairs(rows)
-    prompts = [p.prompt for p in pairs]
-    more = utils.score_texts(model, tokenizer, prompts, [p.more_harmful for p in pairs], 64, 64)
-    less = utils.score_texts(model, tokenizer, prompts, [p.less_harmful for p in pairs], 64, 64)
-    signs = torch.tensor([p.more_harmful_sign for p in pairs] + [p.less_harmful_sign for p in pairs])
-    sign_accuracy = ((torch.cat([more, less]) > 0) == (signs > 0)).float().mean().item()
-    final = read_metrics(cost_run, "eval")[-1]
-    kept = len(train_cost.cost_pairs(read_rows(train_600)))  # the contradictory rows are skipped
-    assert kept < 600 and final["step"] == 2 * (kept // 16)
+    assert (costs[~safe] > 0).float().mean() >= 0.85  # harmful: C > 0 (0.98 here; 0.89 after one epoch)
+    assert (costs[safe] < 0).float().mean() >= 0.85  # harmless: C < 0 (0.96 here; 0.85 after one epoch)
+    # The logged accuracies are those of the rows that do not contradict themselves (the safer one labelled
+    # unsafe and the other safe): C(y_w) > C(y_l) for the pair, and the sign of C for both responses.
+    safer = torch.tensor([r["safer_response_id"] for r in rows])
+    index = torch.arange(len(rows))
+    kept = ~(~safe[index, safer] & safe[index, 1 - safer])
+    assert 0 < (~kept).sum() < 15  # there are some, a few
+    more, less = costs[index, 1 - safer][kept], costs[index, safer][kept]
+    harmful = torch.cat([~safe[index, 1 - safer][kept], ~safe[index, safer][kept]])
+    sign_accuracy = ((torch.cat([more, less]) > 0) == harmful).float().mean().item()
+    final = read_metrics(cost_run.path, "eval")[-1]
+    n_train = len(train_cost.cost_pairs(tokenizer, read_rows(train_600), MAX_LENGTH))  # contradictions skipped
+    assert n_train < 600 and final["step"] == 2 * (n_train // 16)
     assert final["accuracy_sign"] == pytest.approx(sign_accuracy, abs=1e-6)
     assert final["accuracy"] == pytest.approx((more > less).float().mean().item(), abs=1e-6)
+    # The figure shows these costs, y_w's then y_l's, with these labels.
+    assert torch.allclose(cost_run.plotted["costs"], torch.cat([more, less]), atol=1e-5)
+    assert torch.equal(cost_run.plotted["harmful"], harmful)
 
 
-def is_png(path):
-    return path.exists() and path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def png_size(path):
+    """(width, height) in pixels of a PNG file (its IHDR chunk), after checking that it is one."""
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, path
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
-def test_cost_figures(cost_run, backbone, train_160, test_48, tmp_path):
-    assert is_png(Path(cost_run) / "cost_distribution.png") and is_png(Path(cost_run) / "reward_vs_cost.png")
-    # Without a reward model (the folder does not exist) only the cost distribution is drawn.
-    args = small_args(train_cost.Args, backbone, train_160, test_48, tmp_path, max_steps=2)
-    assert not os.path.exists(args.reward_model)
-    train_cost.main(args)
-    assert is_png(tmp_path / "cost_distribution.png") and not (tmp_path / "reward_vs_cost.png").exists()
+def train_cost_contradicts(row):
+    """A row whose safer response is labelled unsafe and the other safe (train_cost skips it)."""
+    safer = row["safer_response_id"]
+    return not row[f"is_response_{safer}_safe"] and row[f"is_response_{1 - safer}_safe"]
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_cost_torchrun_two_ranks_matches_one_process(sharding, backbone, train_160, test_48, tmp_path, torchrun):
-    # Same global batch (16): one process with 2 micro steps of 8 vs two ranks with one micro step of 8,
-    # each rank holding a replica (DDP) or half of every weight and moment (FSDP).
+def test_cost_figure_has_reward_vs_cost_with_a_reward_model(cost_run, reward_run, test_150, tokenizer):
+    """cost_model.png: the cost distribution, and beside it (a figure twice as wide: 11 in. instead of 6 at 120
+    dpi) reward vs cost, each response's reward from --reward_model."""
+    assert [f for f in os.listdir(cost_run.path) if f.endswith(".png")] == ["cost_model.png"]
+    assert png_size(Path(cost_run.path) / "cost_model.png") == (1320, 540)
+    reward_model = utils.load_model(reward_run, tokenizer, score=True).eval()
+    rows = [r for r in read_rows(test_150) if not train_cost_contradicts(r)]
+    more = [r[f"response_{1 - r['safer_response_id']}"] for r in rows]
+    less = [r[f"response_{r['safer_response_id']}"] for r in rows]
+    prompts = [r["prompt"] for r in rows]
+    with torch.no_grad():
+        rewards = torch.cat(
+            [evaluate.score_texts(reward_model, tokenizer, prompts, y, MAX_LENGTH) for y in (more, less)]
+        )
+    assert torch.allclose(cost_run.plotted["rewards"], rewards, atol=1e-5)
+    assert len(rewards) == len(cost_run.plotted["costs"])
+
+
+# What the torchrun launch runs: several runs of a stage, one after another in the same ranks. The first run's
+# process group serves the next ones.
+RUNS = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+import {stage}
+
+for i, flags in enumerate(json.loads(sys.argv[1])):
+    if i:
+        dist.init_process_group = lambda *args, **kwargs: None  # already joined
+    {stage}.main({stage}.Args(**flags))
+dist.barrier()
+sys.stdout.flush(), sys.stderr.flush()
+os._exit(0)  # as utils.run: no teardown with the process group alive
+"""
+
+
+def torchrun_runs(tmp_path, stage, runs, nproc=2):
+    """One `torchrun --nproc_per_node=N` launch that runs `stage` with each of `runs` (flag dicts) in turn."""
+    script = tmp_path / f"runs_of_{stage}.py"
+    script.write_text(RUNS.format(root=str(ROOT), stage=stage))
+    torchrun(script, json.dumps(runs, default=str), nproc=nproc)
+
+
+def test_cost_torchrun_two_ranks_ddp_and_fsdp_match_one_process(
+    backbone, tiny_models, tokenizer, train_160, test_48, tmp_path
+):
+    """Same global batch (16): one process with 2 micro steps of 8 vs two ranks with one micro step of 8, each
+    rank holding a replica (DDP) or half of every weight and moment (FSDP), in one launch. The figure: with no
+    reward model (the folder does not exist), or one whose tokenizer is not the cost model's, only the cost
+    distribution (6 in. wide); under FSDP the reward model (tiny_models/reward) is sharded too and scores."""
     single = small_args(train_cost.Args, backbone, train_160, test_48, tmp_path / "single", micro_batch_size=8)
     train_cost.main(single)
-    flags = dict(
-        model_name_or_path=backbone,
-        dataset=train_160,
-        eval_dataset=test_48,
-        output_dir=tmp_path / "two",
-        reward_model=tmp_path / "no_such_reward_model",
-        epochs=1,
-        batch_size=16,
-        micro_batch_size=8,
-        log_every=1,
-        fsdp=sharding == "fsdp",
-    )
-    torchrun("train_cost.py", 29533, flags)
-    one, two = tmp_path / "single", tmp_path / "two"
-    kept = len(train_cost.cost_pairs(read_rows(train_160)))  # the contradictory rows are skipped
-    assert len(read_metrics(two)) == len(read_metrics(one)) == kept // 16
-    assert [r["loss"] for r in read_metrics(two)] == pytest.approx([r["loss"] for r in read_metrics(one)], rel=1e-4)
-    [eval_one], [eval_two] = read_metrics(one, "eval"), read_metrics(two, "eval")
-    for key in ("accuracy", "accuracy_sign", "cost_mean", "cost_std"):
-        assert eval_two[key] == pytest.approx(eval_one[key], rel=1e-4, abs=1e-6), key
-    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-5), name
-    assert is_png(two / "cost_distribution.png")
+    other_tokenizer = tmp_path / "other_tokenizer"
+    other = utils.load_tokenizer(backbone)
+    other.add_tokens(["zzzq"])  # one more token: another vocabulary
+    other.save_pretrained(other_tokenizer)
+    ddp = dict(vars(single), output_dir=str(tmp_path / "ddp"), reward_model=str(other_tokenizer))
+    fsdp = dict(vars(single), output_dir=str(tmp_path / "fsdp"), reward_model=str(tiny_models / "reward"), fsdp=True)
+    torchrun_runs(tmp_path, "train_cost", [ddp, fsdp])
+    one = tmp_path / "single"
+    kept = len(train_cost.cost_pairs(tokenizer, read_rows(train_160), MAX_LENGTH))  # contradictions skipped
+    assert len(read_metrics(one)) == kept // 16 == 9
+    for two in (tmp_path / "ddp", tmp_path / "fsdp"):
+        assert [r["loss"] for r in read_metrics(two)] == pytest.approx([r["loss"] for r in read_metrics(one)], rel=1e-4)
+        [eval_one], [eval_two] = read_metrics(one, "eval"), read_metrics(two, "eval")
+        for key in ("accuracy", "accuracy_sign", "cost_mean", "cost_std"):
+            assert eval_two[key] == pytest.approx(eval_one[key], rel=1e-4, abs=1e-6), (two, key)
+        a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.allclose(a[name], b[name], atol=1e-5), (two, name)
+    assert png_size(one / "cost_model.png") == png_size(tmp_path / "ddp" / "cost_model.png") == (720, 540)
+    assert png_size(tmp_path / "fsdp" / "cost_model.png") == (1320, 540)
 
 
 # ----------------------------------------------------------------------------- flags
@@ -499,8 +616,10 @@ def test_every_flag_is_documented_with_its_default(args_class, capsys):
         assert f"--{name}" in help_text
         assert f"(default: {value})" in help_text
     assert "preference pairs in the PKU-SafeRLHF schema" in help_text  # a field's docstring
-    if args_class is train_cost.Args:  # inherited fields, the overridden default and the new ones
+    if args_class is train_cost.Args:  # the defaults and fields of its own
         assert "(default: output/cost)" in help_text and "(default: output/reward)" in help_text
         assert "figures go" in help_text and "'skip' them" in help_text and "reward-vs-cost figure" in help_text
         args = utils.parse_args(args_class, ["--contradictions", "stop", "--reward_model", "r", "--epochs", "3"])
         assert (args.contradictions, args.reward_model, args.epochs) == ("stop", "r", 3)
+        with pytest.raises(utils.UserError, match="--contradictions: invalid choice: 'x'"):
+            utils.parse_args(args_class, ["--contradictions", "x"])
