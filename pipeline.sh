@@ -1,56 +1,74 @@
 #!/usr/bin/env bash
 # The whole Safe RLHF pipeline on the embedded toy world, then the evaluation and its figures.
 #
-#   bash pipeline.sh           # SFT -> reward -> cost -> PPO-Lag, PPO, reward shaping (3 values of ν),
-#                              #   and Q2's baseline: one reward model on single-dimensional labels -> PPO on it
-#                              #   -> evaluate
-#   bash pipeline.sh --quick   # SFT -> reward -> cost -> PPO-Lag -> evaluate
+#   bash pipeline.sh           # SFT -> reward and cost models -> PPO-Lag, and the baselines of the paper's Q2 and Q3:
+#                              #   PPO; reward shaping with ν = 0.1, 0.3, 1; one reward model on single-dimensional
+#                              #   labels and PPO on it -> evaluate
+#   bash pipeline.sh --quick   # SFT -> reward and cost models -> PPO-Lag -> evaluate
 #
-# Every stage writes to output/<stage>/. The six RL runs go two at a time, one thread each; their
-# logs are in output/logs/. NUS="0.1 0.3 1.0 3.0" bash pipeline.sh sweeps other values of ν.
+# Every stage writes output/<stage>/ and its log output/logs/<stage>.log. SFT runs alone on every core; then the stages
+# run two at a time, one thread each, each as soon as the models it starts from are written, so that both cores work
+# throughout. When each one started and ended (seconds) goes to output/timings.json. NUS="0.1 3.0" bash pipeline.sh
+# sweeps other values of ν.
 set -euo pipefail
 cd "$(dirname "$0")"
-export PYTHON=${PYTHON:-.venv/bin/python}
-NUS=${NUS:-"0.1 0.3 1.0"}
-started=$SECONDS
-step() { printf '\n=== %s (%ds so far) ===\n' "$1" $((SECONDS - started)); }
+PYTHON=${PYTHON:-.venv/bin/python}
+mkdir -p output/logs
 
-step "1. SFT"
-$PYTHON sft.py
-step "2. reward model"
-$PYTHON train_reward.py
-step "3. cost model"
-$PYTHON train_cost.py
-
-runs="ppo_lag"  # the RL runs: "ppo_lag", "ppo", "ppo_single" or "reward_shaping:<ν>"
-if [ "${1:-}" = "--quick" ]; then
-    step "4. PPO-Lagrangian"
-    $PYTHON ppo_lagrangian.py
-else
-    step "3b. Q2: one reward model on single-dimensional preferences"
-    $PYTHON train_reward.py --dataset toy_world/data/preference_single_train.jsonl \
+# job NAME NEEDS COMMAND...: a stage, started once the jobs it NEEDS (names, or -) have finished
+names=() needs=() commands=()
+job() { names+=("$1"); needs+=("$2"); commands+=("${*:3}"); }
+job sft - sft.py
+job reward sft train_reward.py
+job cost reward train_cost.py  # after the reward model: its figure has a reward-vs-cost panel
+job ppo_lag "reward cost" ppo_lagrangian.py
+if [ "${1:-}" != "--quick" ]; then
+    job reward_single sft train_reward.py --dataset toy_world/data/preference_single_train.jsonl \
         --eval_dataset toy_world/data/preference_single_test.jsonl --output_dir output/reward_single
-    step "4. PPO-Lagrangian, PPO, PPO on the single reward, reward shaping with ν in $NUS (two at a time)"
-    mkdir -p output/logs
-    runs="$runs ppo ppo_single"
-    for nu in $NUS; do runs="$runs reward_shaping:$nu"; done
-    # One RL run: "ppo_lag", "ppo", "ppo_single" or "reward_shaping:<ν>"; prints its judge line when it ends.
-    rl_run() {
-        algorithm=${1%%:*}
-        flags="--algorithm $algorithm"
-        [ "$algorithm" = ppo_single ] && flags="--algorithm ppo --reward_model output/reward_single --output_dir output/ppo_single"
-        [ "$algorithm" = reward_shaping ] && flags="$flags --cost_coef ${1#*:}"
-        log="output/logs/${1/:/_}.log"
-        echo "  start  $1 (log: $log)"
-        OMP_NUM_THREADS=1 $PYTHON ppo_lagrangian.py $flags > "$log" 2>&1 || { echo "  FAILED $1: see $log"; exit 1; }
-        echo "  done   $1: $(grep -ao 'judge_harmful_rate [0-9.]*\|judge_helpfulness_benign [0-9.]*' "$log" | tr '\n' ' ')"
-    }
-    export -f rl_run
-    echo $runs | tr ' ' '\n' | xargs -P 2 -I {} bash -c 'rl_run {}'
+    job ppo reward ppo_lagrangian.py --algorithm ppo
+    job ppo_single reward_single ppo_lagrangian.py --algorithm ppo --reward_model output/reward_single \
+        --output_dir output/ppo_single
+    for nu in ${NUS:-0.1 0.3 1.0}; do
+        job "reward_shaping_$nu" "reward cost" ppo_lagrangian.py --algorithm reward_shaping --cost_coef "$nu"
+    done
 fi
-step "5. evaluation"
-# The policies of this run only (not, say, a reward_shaping_3.0 left in output/ by an earlier one).
+
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # a failure or Ctrl-C stops the stages still running
+SECONDS=0
+declare -A started=() finished=() pids=()
+while [ ${#finished[@]} -lt ${#names[@]} ]; do
+    for i in "${!names[@]}"; do  # start every job that can start, while a core is free (SFT takes both)
+        name=${names[$i]}
+        [ -z "${started[$name]:-}" ] && [ ${#pids[@]} -lt "$([ -n "${finished[sft]:-}" ] && echo 2 || echo 1)" ] || continue
+        ready=true
+        for need in ${needs[$i]}; do [ "$need" = - ] || [ -n "${finished[$need]:-}" ] || ready=false; done
+        $ready || continue
+        echo "[${SECONDS}s] start $name (log: output/logs/$name.log)"
+        threads=$([ "$name" = sft ] && nproc || echo 1)
+        OMP_NUM_THREADS=$threads $PYTHON ${commands[$i]} > "output/logs/$name.log" 2>&1 &
+        pids[$name]=$! started[$name]=$SECONDS
+    done
+    wait -n || true
+    for name in "${!pids[@]}"; do  # note what has finished, and stop at a failure
+        kill -0 "${pids[$name]}" 2>/dev/null && continue
+        if ! wait "${pids[$name]}"; then
+            echo "FAILED $name: its log output/logs/$name.log ends with:"; tail -n 5 "output/logs/$name.log"; exit 1
+        fi
+        unset "pids[$name]"
+        finished[$name]=$SECONDS
+        echo "[${SECONDS}s] done  $name $(grep -ao 'judge_harmful_rate [0-9.]*\|accuracy [0-9.]*' "output/logs/$name.log" | tail -n 1)"
+    done
+done
+
+echo "[${SECONDS}s] start evaluate"
 models="sft=output/sft"
-for run in $runs; do models="$models ${run/:/_}=output/${run/:/_}"; done
+for name in "${names[@]}"; do case $name in ppo* | reward_shaping*) models="$models $name=output/$name" ;; esac; done
+started[evaluate]=$SECONDS
 $PYTHON evaluate.py --models $models --arena ppo_lag sft
-printf '\npipeline done in %ds; figures and tables in output/eval/\n' $((SECONDS - started))
+finished[evaluate]=$SECONDS
+{   # output/timings.json: {"job": [start, end], ..., "total": seconds}
+    printf '{'
+    for name in "${names[@]}" evaluate; do printf '"%s": [%s, %s], ' "$name" "${started[$name]}" "${finished[$name]}"; done
+    printf '"total": %s}\n' "$SECONDS"
+} > output/timings.json
+echo "pipeline done in ${SECONDS}s; figures and tables in output/eval/, timings in output/timings.json"
