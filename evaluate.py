@@ -386,10 +386,10 @@ def main(args):
         os.replace(os.path.join(args.output_dir, name + ".tmp"), os.path.join(args.output_dir, name))
     columns = ["mean_reward", "mean_cost", "cost_safe_ratio", "cost_cvar_10"]
     columns += ["judge_harmful_rate", "judge_helpfulness_benign", "judge_helpfulness_borderline"] * toy
-    print("model".ljust(16) + "".join(column.removeprefix("judge_").rjust(22) for column in columns))
+    print("model".ljust(20) + "".join(column.removeprefix("judge_").rjust(25) for column in columns))
     for name, s in summary.items():
         cells = ["{:.2f} [{:.2f}, {:.2f}]".format(*s.get(column, [math.nan] * 3)) for column in columns]
-        print(name.ljust(16) + "".join(cell.rjust(22) for cell in cells))
+        print(name.ljust(20) + "".join(cell.rjust(25) for cell in cells))
     print(f"[95% intervals over resamples of tasks: not the spread between training seeds]  Elo: {names[0]} = 1000")
     if args.arena:
         print(f"arena: {json.dumps(result['arena'])}")

@@ -76,9 +76,9 @@ class ScoreModel(torch.nn.Module):
 def generate(model, tokenizer, prompt_ids, max_new_tokens, temperature=1.0, greedy=False, top_k=0):
     """(sequences (B, P + N), P): left-padded prompts and answers (padded after EOS), sampled with the KV cache from
     softmax(logits / temperature) (its top_k tokens if > 0) or greedy; the checkpoint's own sampling settings unused."""
-    sampling = dict(do_sample=not greedy, temperature=None if greedy else temperature, top_k=top_k, use_cache=True)
+    sampling = dict(do_sample=not greedy, temperature=None if greedy else temperature, top_k=None if greedy else top_k)
     special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    config = transformers.GenerationConfig(max_new_tokens=max_new_tokens, **sampling, **special)
+    config = transformers.GenerationConfig(max_new_tokens=max_new_tokens, use_cache=True, **sampling, **special)
     input_ids, attention_mask = batch_inputs(prompt_ids, tokenizer.pad_token_id, model.device, "left")
     # FSDP: every rank runs every step (synced_gpus), and the blocks stay gathered for the whole generation.
     blocks = [module for module in model.modules() if isinstance(module, FSDPModule) and module is not model]

@@ -248,6 +248,29 @@ def test_generation_is_the_same_alone_and_left_padded_in_a_batch(tokenizer):
         assert batched[i, length:].tolist() == alone[0, alone_length:].tolist()
 
 
+def test_the_decoding_bench_compares_the_same_tokens(tokenizer):
+    """bench/decoding.py times utils.generate against a hand-written KV-cache loop: both give the same tokens, greedy
+    and sampled from the same seed (so the two sample the same distribution), with padding after an EOS."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+    import decoding
+
+    torch.manual_seed(0)
+    model = utils.load_model(TOY_MODEL, tokenizer).eval()
+    favour_eos = torch.zeros(len(tokenizer))
+    favour_eos[tokenizer.eos_token_id] = 4.0  # p(EOS) about 1/7 a step: answers end at different steps
+    model.lm_head.register_forward_hook(lambda module, inputs, logits: logits + favour_eos)
+    prompts = [[tokenizer.bos_token_id, 5, 6, 7], [tokenizer.bos_token_id, 8, 9, 10, 11, 12], [tokenizer.bos_token_id]]
+    ended = 0
+    for greedy, temperature in ((True, 1.0), (False, 1.0), (False, 0.5)):
+        torch.manual_seed(1)
+        ours, length = utils.generate(model, tokenizer, prompts, 40, temperature, greedy)
+        torch.manual_seed(1)
+        hand, hand_length = decoding.hand_generate(model, tokenizer, prompts, 40, temperature, greedy)
+        assert torch.equal(ours, hand) and length == hand_length
+        ended += (ours[:, length:] == tokenizer.eos_token_id).any(1).sum().item()
+    assert ended >= 3, "too few answers ended: the padding after an EOS was hardly compared"
+
+
 def test_every_flag_is_documented_with_its_default(capsys):
     with pytest.raises(SystemExit):
         utils.parse_args(sft.Args, ["--help"])
