@@ -143,11 +143,9 @@ def summarize(rows, seed=42):
             if judged and group:
                 measures[f"judge_harmful_rate{on}"] = (group, "judge_harmful")
                 measures[f"judge_helpfulness{on.replace('_on', '')}"] = (group, "judge_helpfulness")
+            chosen = [p for p in prompts.values() if category in ("all", p["category"])]  # the group's prompts
             for key in ["violates_in_mean", "violates_in_any"] + ["any_harmful"] * judged if several and group else []:
-                measures[f"prompts_{key}{on}"] = (
-                    [p for p in prompts.values() if category in ("all", p["category"])],
-                    key,
-                )
+                measures[f"prompts_{key}{on}"] = (chosen, key)
         summary[name] = {"answers": len(answers), "prompts": len(prompts)}
         for measure, (group, key) in measures.items():
             values = torch.tensor([r["cost"] <= 0 if key == "safe" else r[key] for r in group], dtype=torch.float64)
@@ -162,9 +160,11 @@ def elo_ratings(outcomes, names, anchor, weights):
     scale, P(a beats b) = 1 / (1 + 10^((r_b - r_a) / 400)), `anchor` at 1000; every pair of models also gets a virtual
     draw, so that a model that always wins stays finite. One fit per row of weights (B, outcomes): {name: (B,)}."""
     index = {name: i for i, name in enumerate(names)}
+    distinct = sorted(set(outcomes))  # equal outcomes: one term, weighted by how often each resample holds them
+    weights = weights.double() @ torch.tensor([[o == d for d in distinct] for o in outcomes], dtype=torch.float64)
     virtual = [(i, j, 0.5) for i in range(len(names)) for j in range(i + 1, len(names))]
-    a, b, score = (torch.tensor(column) for column in zip(*[(index[x], index[y], s) for x, y, s in outcomes] + virtual))
-    weights = torch.cat([weights.double(), torch.ones(len(weights), len(virtual), dtype=torch.float64)], dim=1)
+    a, b, score = (torch.tensor(column) for column in zip(*[(index[x], index[y], s) for x, y, s in distinct] + virtual))
+    weights = torch.cat([weights, torch.ones(len(weights), len(virtual), dtype=torch.float64)], dim=1)
     ratings = torch.zeros(len(weights), len(names), dtype=torch.float64, requires_grad=True)  # (B, models)
     optimizer = torch.optim.LBFGS([ratings], max_iter=2000, tolerance_grad=1e-12, tolerance_change=1e-14)
 
@@ -273,8 +273,8 @@ def plot_all(rows, summary, elo, output_dir):
     for axis, (title, sources) in zip(axes, plots):
         for offset, (source, values) in zip((-width / 2, width / 2), sources.items()):
             value, *ends = torch.tensor([values[n] for n in names]).T
-            errors = (value - torch.minimum(*ends), torch.maximum(*ends) - value)
-            axis.bar(x + offset, value, width, yerr=errors, capsize=2, label=source)
+            errors = torch.stack((value - torch.minimum(*ends), torch.maximum(*ends) - value)).tolist()
+            axis.bar((x + offset).tolist(), value.tolist(), width, yerr=errors, capsize=2, label=source)
         axis.set_title(title)
         axis.set_xticks(x.tolist(), names, rotation=30, ha="right", fontsize=8)
         axis.legend(fontsize=8)
@@ -342,6 +342,8 @@ def main(args):
 
     signal.signal(signal.SIGTERM, stop)
     process = utils.setup_distributed(args.dtype)
+    if not process.is_main:  # under torchrun rank 0 evaluates; the other ranks wait for it at the end
+        return
     torch.manual_seed(args.seed)
     if bad := [entry for entry in args.models if "=" not in entry]:
         raise utils.UserError(f"--models {bad[0]}: expected NAME=PATH, e.g. sft=output/sft")
@@ -355,9 +357,7 @@ def main(args):
                 problem = "missing (or pass --responses NAME=FILE)" if not model else f"{model!r} is named twice"
                 raise utils.UserError(f"{path}: row {i}: field 'model': {problem}")
             given.setdefault(model, []).append((row["prompt"], row["response"], row.get("category")))
-    models = models or (
-        {} if given else {"sft": "output/sft", "ppo_lag": "output/ppo_lag"}
-    )  # bash pipeline.sh --quick's
+    models = models or ({} if given else {"sft": "output/sft", "ppo_lag": "output/ppo_lag"})  # pipeline.sh --quick's
     if bad := [name for name in args.arena if name not in [*models, *given]]:
         raise utils.UserError(f"--arena {bad[0]}: not one of the models ({', '.join([*models, *given])})")
 

@@ -102,6 +102,29 @@ def curves(output_dir):
     )  # fmt: skip
 
 
+def plot_curves(runs, path, title):
+    """λ and Ĵ_C (with its threshold) of several runs, {label: curves}, in one figure at docs/figures/<path>."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    for i, (name, c) in enumerate(runs.items()):
+        style = dict(color=f"C{i // 3}", linestyle=["-", "--", ":"][i % 3], label=name)
+        axes[0].plot(range(1, len(c["lambda"]) + 1), c["lambda"], **style)
+        axes[1].plot(range(1, len(c["episode_cost"]) + 1), c["episode_cost"], **style)
+    for threshold in sorted({c["threshold"] for c in runs.values()}):
+        axes[1].axhline(threshold, color="black", linewidth=1)
+    axes[0].set(title="Lagrange multiplier λ", xlabel="iteration")
+    axes[1].set(title="Ĵ_C, the window's mean cost, and its threshold", xlabel="iteration")
+    axes[1].legend(fontsize=7, ncol=2)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(os.path.join(ROOT, "docs", "figures", path), dpi=120)
+    plt.close(figure)
+
+
 def seeds():
     """Every RL policy of the pipeline on RL seeds 42 (the pipeline's runs), 1 and 2, judged greedily."""
     train([ppo_job(policy, seed) for seed in SEEDS[1:] for policy in POLICIES])
@@ -142,6 +165,8 @@ def lambda_controller():
         runs = {"gradient_ascent": folder("ppo_lag", seed), "pid": folder("ppo_lag_pid", seed)}
         summary = evaluate(f"lambda_controller_{seed}", {"sft": "output/sft", **runs})["models"]
         found[seed] = {name: dict(curves=curves(path), judge=summary[name]) for name, path in runs.items()}
+    runs = {f"{name}, seed {seed}": run["curves"] for seed, by in found.items() for name, run in by.items()}
+    plot_curves(dict(sorted(runs.items())), "lambda_controller.png", "λ by gradient ascent and by a PID controller")
     return {"pid_gains": dict(kp=0.05, ki=0.005, kd=0.05), "seeds": found}
 
 
@@ -157,6 +182,12 @@ def per_prompt():
         found[seed] = {name: dict(curves=curves(runs[name]) if name in runs else None, greedy=greedy[name],
                                   sampled=sampled[name]) for name in greedy}  # fmt: skip
     shutil.copy(os.path.join(ROOT, OUT, "eval_per_prompt_42", "per_prompt.png"), "docs/figures/per_prompt_k8.png")
+    runs = {
+        f"{name}, seed {seed}": run["curves"] for seed, by in found.items() for name, run in by.items() if run["curves"]
+    }
+    plot_curves(
+        dict(sorted(runs.items())), "per_prompt_training.png", "The expected-cost and the per-prompt constraint"
+    )
     return {"samples_per_prompt": 8, "seeds": found}
 
 

@@ -27,9 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-import results  # noqa: E402
-
 import ppo_lagrangian  # noqa: E402
+import results  # noqa: E402
 import sft  # noqa: E402
 import train_reward  # noqa: E402
 import utils  # noqa: E402

@@ -147,7 +147,7 @@ def test_a_tokenizer_without_pad_gets_a_distinct_one_and_the_model_grows(tmp_pat
 
 
 FSDP_RUNS = """
-import json, sys
+import json, os, sys
 sys.path.insert(0, {repo!r})
 import torch.distributed as dist
 import sft
@@ -156,7 +156,8 @@ init_process_group = dist.init_process_group  # the group of the first run serve
 dist.init_process_group = lambda *args, **kwargs: dist.is_initialized() or init_process_group(*args, **kwargs)
 for flags in json.loads({runs!r}):
     sft.main(sft.Args(**flags))
-dist.destroy_process_group()
+dist.barrier()  # ranks leave together, then at once, as utils.run: gloo's teardown can abort
+os._exit(0)
 """
 
 

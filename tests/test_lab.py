@@ -1,10 +1,12 @@
-"""docs/lab.md works as written: each exercise's commands, run in miniature (tiny models, two PPO iterations).
+"""docs/lab.md works as written: each exercise's commands, run in miniature (tiny models, two PPO iterations), each
+`python` command in this process as its command line would run it.
 
 The commands are read from the lab itself and run in a scratch folder laid out like the repository after
 `bash pipeline.sh --quick`; only size flags are appended (a later flag wins), so a renamed flag, a
 changed default path or a `sed` that no longer matches its line fails here.
 """
 
+import importlib.util
 import json
 import re
 import shlex
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ENV, save_model
+from conftest import save_model
 
 import utils
 
@@ -62,21 +64,30 @@ def test_the_lab_has_its_exercises():
     assert len(titles) == 7 and all(re.match(r"## Exercise \d: .+", t) for t in titles), titles
 
 
+def run_script(root, script, argv, monkeypatch):
+    """`python script argv` in `root`, in this process: the script's main with its flags parsed as the command line
+    parses them (a stage file, or a copy of one the lab wrote)."""
+    monkeypatch.chdir(root)
+    spec = importlib.util.spec_from_file_location(Path(script).stem + "_lab", root / script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # where its Args' field docstrings are read from
+    spec.loader.exec_module(module)
+    module.main(utils.parse_args(module.Args, argv))
+
+
 @pytest.mark.parametrize("title, commands", exercises(), ids=[t.split(":")[0][3:] for t, _ in exercises()])
-def test_each_exercise_runs_as_written(after_quick_pipeline, title, commands):
+def test_each_exercise_runs_as_written(after_quick_pipeline, title, commands, monkeypatch):
     root = after_quick_pipeline
-    env = ENV
     for command in commands:
         words = shlex.split(command)
         if words[0] == "python":
             script = words[1]
             key = "train_cost" if script.startswith("train_cost") else script
             small = SMALL.get(key, "").format(pairs=root / "pairs.jsonl", prompts=root / "prompts.jsonl")
-            words = [sys.executable, *words[1:], *shlex.split(small)]
-            result = subprocess.run(words, cwd=root, capture_output=True, text=True, env=env, timeout=600)
+            run_script(root, script, [*words[2:], *shlex.split(small)], monkeypatch)
         else:  # a shell line of the lab (sed): run as written
             result = subprocess.run(command, shell=True, cwd=root, capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
+            assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
         if "--output_dir" in words:
             output_dir = root / words[words.index("--output_dir") + 1]
             if words[1] == "evaluate.py":
