@@ -288,7 +288,8 @@ def render_machines(r):
     machines, base = r["machines"], r["compare"]["pipeline"]["base"]["models"]
     lines = ["| policy | harmful, that commit's README | harmful, rerun here |", "|---|---|---|"]
     for name, value in machines["judge_harmful_rate"].items():
-        lines.append(f"| {label(name)} | {percent(value)} | {interval(base[name]['judge_harmful_rate'], True)} |")
+        rerun = base[name]["judge_harmful_rate"]  # that commit's summary has no intervals
+        lines.append(f"| {label(name)} | {percent(value)} | {percent(rerun)} |")
     return "\n".join(lines) + f"\n\nBoth are commit {machines['commit']}; the rerun: " + measured(r["compare"])
 
 
@@ -366,7 +367,7 @@ def render_compare(r):
         b, n = c[what]["base"]["seconds"], c[what]["new"]["seconds"]
         lines.append(f"| {name} | {minutes(b)} | {minutes(n)} | {n / b:.2f} |")
     note = "gives the base's results table" if c["as_base_same"] else "does not give the base's table: see below"
-    return ("\n".join(lines) + f"\n\nBack to back on fresh clones, one after the other: {measured(c)} Tests: "
+    return ("\n".join(lines) + f"\n\nBack to back on fresh clones, one after the other. {measured(c)} Tests: "
             f"{c['tests']['base']['summary']} then {c['tests']['new']['summary']}. This commit with the base's "
             f"warmup schedule and pipeline.sh {note}.")  # fmt: skip
 
@@ -392,6 +393,13 @@ def render_profile(r):
     busy = {w: sum(s["end"] - s["start"] for s in stages[w].values()) for w in stages}
     lines.append(f"| all | {c['pipeline']['base']['seconds']:.0f} s wall, {busy['base']:.0f} s of stage time | "
                  f"{c['pipeline']['new']['seconds']:.0f} s wall, {busy['new']:.0f} s of stage time |")  # fmt: skip
+    # The work: each stage's wall time times the threads it ran on (the base: SFT, the score models and the evaluation
+    # on both cores, RL on one; this commit: SFT and the evaluation on both, every other stage on one).
+    threads = {"base": lambda name: 1 if name.startswith(("ppo", "reward_shaping")) else 2,
+               "new": lambda name: 2 if name in ("sft", "evaluate") else 1}  # fmt: skip
+    work = {w: sum((s["end"] - s["start"]) * threads[w](name) for name, s in stages[w].items()) for w in stages}
+    lines.append(f"| work (core-seconds) | {work['base']:.0f}: on two cores no schedule ends before {work['base'] / 2:.0f} s "
+                 f"| {work['new']:.0f}: no schedule ends before {work['new'] / 2:.0f} s |")  # fmt: skip
     return "\n".join(lines)
 
 
