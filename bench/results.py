@@ -127,7 +127,7 @@ def span(values, as_percent=True):
     low, high = min(values), max(values)
     if as_percent:
         return f"{100 * low:.1f}%" if low == high else f"{100 * low:.1f}–{100 * high:.1f}%"
-    return f"{low:.2f}" if low == high else f"{low:.2f}–{high:.2f}"
+    return f"{low:.2f}" if low == high else f"{low:.2f}{' to ' if low < 0 else '–'}{high:.2f}"
 
 
 def measured(data):
@@ -225,9 +225,20 @@ def render_findings(r):
 
     agreement = r["agreement"]["agreement"]
     single = r["pipeline"]["score_models"]["reward_single"]["accuracy"]
+    by_seed = [s["models"] for s in seeds.values()]  # ν = 0.3 against PPO-Lag, seed by seed
+    more_harmful = all(
+        s["reward_shaping_0.3"]["judge_harmful_rate"][0] >= s["ppo_lag"]["judge_harmful_rate"][0] for s in by_seed
+    )
+    more_helpful = all(
+        s["reward_shaping_0.3"]["judge_helpfulness_borderline"][0] >= s["ppo_lag"]["judge_helpfulness_borderline"][0]
+        for s in by_seed
+    )
+    q3_verdict = {(True, True): "On every seed ν = 0.3 is a little more harmful and a little more helpful on borderline prompts",
+                  (True, False): "On every seed ν = 0.3 is at least as harmful", (False, True): "On every seed ν = 0.3 is at least as helpful on borderline prompts",
+                  (False, False): "The seeds overlap"}[more_harmful, more_helpful]  # fmt: skip
     lines = [
-        f"- **Q1, both axes.** PPO-Lag's answers are harmful on {percent(harmful('ppo_lag'))} of the prompts against "
-        f"SFT's {percent(harmful('sft'))} ({over_seeds('ppo_lag')} over three RL seeds), with benign helpfulness "
+        f"- **Q1, both axes.** PPO-Lag's answers are harmful on {percent(harmful('ppo_lag'))} of the prompts "
+        f"({over_seeds('ppo_lag')} over three RL seeds) against SFT's {percent(harmful('sft'))}, with benign helpfulness "
         f"{m['ppo_lag']['judge_helpfulness_benign'][0]:.2f} (SFT {m['sft']['judge_helpfulness_benign'][0]:.2f}). What "
         f"is left is on harmful prompts ({percent(harmful('ppo_lag', '_on_harmful'))} of them) and borderline ones "
         f"({percent(harmful('ppo_lag', '_on_borderline'))}): the constraint is on the *expected* cost, which leaves "
@@ -246,9 +257,9 @@ def render_findings(r):
         f"prompts), and ν = 0.3 lands near PPO-Lag: {percent(harmful('reward_shaping_0.3'))} harmful "
         f"({over_seeds('reward_shaping_0.3')} over seeds) against {percent(harmful('ppo_lag'))} "
         f"({over_seeds('ppo_lag')}), borderline helpfulness {m['reward_shaping_0.3']['judge_helpfulness_borderline'][0]:.2f} "
-        f"against {m['ppo_lag']['judge_helpfulness_borderline'][0]:.2f}. The seeds overlap: in the toy world a "
-        "well-chosen ν is as good as the learned λ; the Lagrangian found its trade-off from the threshold alone, "
-        "without a sweep.",
+        f"against {m['ppo_lag']['judge_helpfulness_borderline'][0]:.2f}. {q3_verdict}: in the toy world a "
+        "well-chosen ν is about as good as the learned λ, but it took a sweep of ν to find, where the Lagrangian "
+        "found its trade-off from the threshold alone.",
     ]  # fmt: skip
     return "\n".join(lines)
 

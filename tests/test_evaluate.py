@@ -109,6 +109,7 @@ def test_cvar_by_hand():
     values = torch.arange(1.0, 11.0, dtype=torch.float64)
     assert evaluate.cvar(values, torch.ones(1, 10, dtype=torch.float64), 0.1).tolist() == pytest.approx([10.0])
     assert evaluate.cvar(values, torch.ones(1, 10, dtype=torch.float64), 0.2).tolist() == pytest.approx([9.5])
+    assert evaluate.cvar(values, torch.ones(1, 10, dtype=torch.float64)).tolist() == [10.0]  # by default: cost_cvar_10
     values = torch.tensor([3.0, 8.0, 1.0, 6.0, 2.0, 7.0, 5.0, 4.0], dtype=torch.float64)  # unsorted
     weights = torch.tensor(
         [

@@ -664,3 +664,26 @@ def test_two_ranks_match_one_process_through_a_ddp_then_fsdp_resume(tiny_models,
         assert a.keys() == b.keys()
         for name in a:
             assert torch.allclose(a[name], b[name], atol=1e-5), (part, name)
+
+
+def test_the_users_command_at_eight_ranks_with_the_default_batches(tiny_models, tmp_path):
+    """`torchrun --nproc_per_node=8 ppo_lagrangian.py` with the default --rollout_batch_size 48, --minibatch_size 24
+    and --micro_batch_size 24: each rank takes 6 prompts and minibatches of 3. The first rollout is one process's
+    (--top_k 1 makes the sampling independent of each rank's seed): the same rewards, costs, Ĵ_C and λ, and Ĵ_C's
+    window holds all eight ranks' episodes. (From the first update on the runs differ: a rank's minibatch of 3 comes
+    from its own 6 episodes, so a global minibatch holds other episodes than one process's; the 2-rank tests, with
+    one minibatch per iteration, match updates too.)"""
+    batches = dict(rollout_batch_size=48, minibatch_size=24, micro_batch_size=24)
+    assert batches == {key: getattr(ppo.Args(), key) for key in batches}
+    changes = dict(top_k=1, iterations=2, lambda_lr=0.5, threshold=-100, **batches)
+    ppo.main(tiny_args(tiny_models, tmp_path / "one", **changes))
+    torchrun("ppo_lagrangian.py", nproc=8, **vars(tiny_args(tiny_models, tmp_path / "eight", **changes)))
+    one, eight = read(tmp_path / "one"), read(tmp_path / "eight")
+    assert [r["step"] for r in eight] == [r["step"] for r in one] == [1, 2]
+    for key in ("reward", "cost", "kl", "episode_cost", "lambda"):
+        assert eight[0][key] == pytest.approx(one[0][key], rel=1e-5, abs=1e-6), key
+    states = [torch.load(tmp_path / run / "training_state.pt", weights_only=True) for run in ("one", "eight")]
+    assert len(states[1]["rng"]) == 8 and len(states[1]["episode_costs"]) == 96  # two batches of 48, all ranks'
+    first = [sorted(state["episode_costs"][:48]) for state in states]  # the first rollout's 48 episodes
+    assert first[1] == pytest.approx(first[0], abs=1e-5)
+    assert one[1]["lambda"] > ppo.Args().lambda_init  # threshold -100 is violated: λ rose
