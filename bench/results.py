@@ -515,7 +515,7 @@ def render_rounds(r):
         "judge_helpfulness_borderline",
     )
     lines = ["| seed | round | new pairs (ties dropped) | C on the current answers: sign accuracy before → after | R: accuracy before → after | threshold | Elo helpfulness | Elo harmlessness | "
-             + " | ".join(COLUMNS[k][0] for k in keys) + " |", "|---" * 13 + "|"]  # fmt: skip
+             + " | ".join(COLUMNS[k][0] for k in keys) + " |", "|---" * (8 + len(keys)) + "|"]  # fmt: skip
     for seed, chain in data["chains"].items():
         for k in chain:
             new = k.get("new_train_pairs")
