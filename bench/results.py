@@ -96,10 +96,12 @@ def record_rounds():
 def record_machines():
     """The results table of the base commit's README: the same code as compare.json's base run, on another machine."""
     text = subprocess.run(["git", "show", "7829859:README.md"], cwd=ROOT, capture_output=True, text=True).stdout
-    rows = re.findall(
-        r"^\| (\*\*PPO-Lag\*\* \(Safe RLHF\)|SFT|PPO \(reward only\)) \|.*?\| ([\d.]+)%\*{0,2} \|", text, re.M
-    )
-    harmful = {"sft" if n == "SFT" else "ppo" if n.startswith("PPO (") else "ppo_lag": float(v) / 100 for n, v in rows}
+    names = {"SFT": "sft", "**PPO-Lag** (Safe RLHF)": "ppo_lag", "PPO (reward only)": "ppo"}
+    harmful = {}  # from its results table, the first rows so named; column 5: judge: harmful
+    for line in text.splitlines():
+        row = [cell.strip() for cell in line.split("|")[1:-1]]
+        if line.startswith("| ") and row[0] in names and names[row[0]] not in harmful:
+            harmful[names[row[0]]] = float(row[4].strip("*%")) / 100
     save("machines", {"commit": "7829859", "source": "README.md at commit 7829859", "judge_harmful_rate": harmful})
 
 
@@ -207,9 +209,9 @@ def render_spread(r):
                  f"{percent(at[8])} at 8.")  # fmt: skip
     lines.append(f"- **Across machines of this kind** (the same code, commit {machines['commit']}): PPO-Lag "
                  f"{percent(machines['judge_harmful_rate']['ppo_lag'])} in that commit's README, "
-                 f"{percent(base['models']['ppo_lag']['judge_harmful_rate'][0])} rerun here; SFT "
+                 f"{percent(base['models']['ppo_lag']['judge_harmful_rate'])} rerun here; SFT "
                  f"{percent(machines['judge_harmful_rate']['sft'])} and "
-                 f"{percent(base['models']['sft']['judge_harmful_rate'][0])}. Another CPU picks other floating-point "
+                 f"{percent(base['models']['sft']['judge_harmful_rate'])}. Another CPU picks other floating-point "
                  "kernels, and a chaotic RL run amplifies the last bits.")  # fmt: skip
     return "\n".join(lines)
 

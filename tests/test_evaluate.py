@@ -440,7 +440,8 @@ def test_sigterm_stops_the_evaluation_at_once_and_writes_nothing(tiny_models, tm
         samples_per_prompt=8,
         batch_size=8,
     )
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    unbuffered = {**ENV, "PYTHONUNBUFFERED": "1"}  # the line comes when printed, not when a pipe's buffer fills
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=unbuffered)
     try:
         for line in process.stdout:
             if line.startswith("evaluating sft"):
