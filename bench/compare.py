@@ -116,8 +116,8 @@ def main():
     as_base(folder, args.base)
     found["pipeline"]["new_as_base"] = pipeline(folder)
     base, as_base_models = found["pipeline"]["base"]["models"], found["pipeline"]["new_as_base"]["models"]
-    same = all(  # each of the base's figures (ours carry intervals: [estimate, low, high])
-        abs(value - (as_base_models[name][key][0] if isinstance(as_base_models[name][key], list) else value)) < 1e-4
+    same = all(  # each of the base's figures
+        abs(value - results.estimate_of(as_base_models[name][key])) < 1e-4
         for name, figures in base.items() for key, value in figures.items() if key in as_base_models[name]
     )  # fmt: skip
     print(f"our code with the base's warmup and pipeline.sh gives the base's results table: {same}")

@@ -112,6 +112,11 @@ def minutes(seconds):
     return f"{seconds // 60:.0f} min {seconds % 60:02.0f} s" if seconds >= 60 else f"{seconds:.0f} s"
 
 
+def estimate_of(figure):
+    """A figure's estimate: ours are [estimate, low, high]; the base commit's summary has plain numbers."""
+    return figure[0] if isinstance(figure, list) else figure
+
+
 def percent(value):
     return f"{100 * value:.1f}%"
 
@@ -434,9 +439,8 @@ def render_moved(r):
         "|---" * 5 + "|",
     ]
 
-    def value(run, name, key):  # the base's summary has no intervals
-        found = c[run]["models"][name][key]
-        return found[0] if isinstance(found, list) else found
+    def value(run, name, key):
+        return estimate_of(c[run]["models"][name][key])
 
     for name in c["base"]["models"]:
         cells = [" → ".join(f"{value(run, name, k):.3f}" for run in ("base", "new")) for k in keys]

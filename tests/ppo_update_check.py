@@ -116,9 +116,7 @@ def main():
             with open(os.path.join(cli.out, name, "stats.json"), "w") as f:
                 json.dump(stats, f)
             torch.save(weights, os.path.join(cli.out, name, "weights.pt"))
-    if (
-        torch.distributed.is_initialized()
-    ):  # ranks leave together, then at once, as utils.run: gloo's teardown can abort
+    if torch.distributed.is_initialized():  # leave together, then at once, as utils.run: gloo's teardown can abort
         torch.distributed.barrier()
         os._exit(0)
 
